@@ -1,0 +1,49 @@
+"""Computational graphs: import from ONNX, PyTorch and TensorFlow; export to PyG and graphviz.
+
+>>> from aiop.cg import from_torch, to_pyg
+>>> cg = from_torch(model, (1, 3, 64, 64))   # doctest: +SKIP
+>>> data = to_pyg(cg)                         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiop.cg.graph import CGError, ComputeGraph, Edge, Node, TensorSpec
+from aiop.cg.onnx_import import from_onnx, load_onnx
+from aiop.cg.pyg import FEATURE_VERSION, to_pyg
+from aiop.cg.resolve import graph_for_model, parse_input_shape
+from aiop.cg.torch_import import export_onnx_bytes, from_torch
+
+
+def from_tf_pb(path: Any, *args: Any, **kwargs: Any) -> ComputeGraph:
+    """Read a frozen TensorFlow GraphDef ``.pb`` (see :mod:`aiop.cg.tf_import`)."""
+    from aiop.cg.tf_import import from_tf_pb as _from_tf_pb
+
+    return _from_tf_pb(path, *args, **kwargs)
+
+
+def draw(cg: ComputeGraph, path: Any, *args: Any, **kwargs: Any) -> Any:
+    """Draw ``cg`` with graphviz (see :mod:`aiop.cg.draw`)."""
+    from aiop.cg.draw import draw as _draw
+
+    return _draw(cg, path, *args, **kwargs)
+
+
+__all__ = [
+    "FEATURE_VERSION",
+    "CGError",
+    "ComputeGraph",
+    "Edge",
+    "Node",
+    "TensorSpec",
+    "draw",
+    "export_onnx_bytes",
+    "from_onnx",
+    "from_tf_pb",
+    "from_torch",
+    "graph_for_model",
+    "load_onnx",
+    "parse_input_shape",
+    "to_pyg",
+]
