@@ -37,7 +37,11 @@ class Attention(nn.Module):
 
     def forward(self, x):
         b, n, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (
+            self.qkv(self.norm1(x))
+            .reshape(b, n, 3, self.heads, d // self.heads)
+            .permute(2, 0, 3, 1, 4)
+        )
         attn = (q @ k.transpose(-2, -1)) * (d // self.heads) ** -0.5
         y = (attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, d)
         x = x + self.proj(y)
@@ -80,7 +84,9 @@ def test_tiny_resnet_structure():
     assert bn.attrs.get("training_mode") == 1
     # every edge carries the producer's tensor
     for e in cg.edges:
-        assert e.shape == cg.nodes[e.src].output_shapes[0] or e.shape in cg.nodes[e.src].output_shapes
+        assert (
+            e.shape == cg.nodes[e.src].output_shapes[0] or e.shape in cg.nodes[e.src].output_shapes
+        )
 
 
 def test_depthwise_and_grouped_conv_flops():
@@ -146,7 +152,9 @@ def test_external_data(tmp_path):
     model = SmallCNN()
     proto = onnx.load_from_string(export_onnx_bytes(model, (torch.randn(1, 1, 28, 28),)))
     path = tmp_path / "ext.onnx"
-    onnx.save_model(proto, str(path), save_as_external_data=True, location="ext.data", size_threshold=0)
+    onnx.save_model(
+        proto, str(path), save_as_external_data=True, location="ext.data", size_threshold=0
+    )
     assert (tmp_path / "ext.data").stat().st_size > 4 * 1000
     cg = from_onnx(path)
     assert cg.total_params == sum(p.numel() for p in model.parameters())
@@ -157,7 +165,11 @@ def test_external_data(tmp_path):
 def test_exports_of_other_opsets_and_eval_mode(opset, training):
     model = SmallCNN()
     data = export_onnx_bytes(
-        model, (torch.randn(1, 1, 28, 28),), training=training, opset=opset, do_constant_folding=not training
+        model,
+        (torch.randn(1, 1, 28, 28),),
+        training=training,
+        opset=opset,
+        do_constant_folding=not training,
     )
     cg = from_onnx(data)
     assert cg.meta["opset"] == opset
@@ -182,7 +194,7 @@ def test_dynamic_axes_need_input_shape(tmp_path):
         input_names=["x"],
         dynamic_axes={"x": {0: "batch", 2: "h", 3: "w"}},
     )
-    with pytest.raises(CGError, match="no static shape.*--input-shape"):
+    with pytest.raises(CGError, match=r"no static shape.*--input-shape"):
         from_onnx(buf.getvalue())
     cg = from_onnx(buf.getvalue(), input_shape=(2, 1, 32, 32))
     assert cg.inputs[0].shape == (2, 1, 32, 32)
