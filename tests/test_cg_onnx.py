@@ -298,3 +298,63 @@ def test_json_tampering_is_detected(tmp_path):
     bad.write_bytes(b"\x1f\x8b" + b"junk")
     with pytest.raises(CGError, match="gzip"):
         ComputeGraph.load(bad)
+
+
+class _Plumbing(nn.Module):
+    """ReLU6 (Clip with constant bounds), a reshape and a split: the operands a builder needs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.ReLU6()
+
+    def forward(self, x):
+        y = self.act(self.conv(x))
+        a, b = y.split(4, dim=1)
+        return (b - a).reshape(y.shape[0], -1) * 0.5
+
+
+def test_constants_ports_and_weights(tmp_path):
+    model = _Plumbing()
+    cg = from_torch(model, (1, 3, 4, 4))
+    clip = next(n for n in cg.nodes if n.op == "Clip")
+    bounds = [cg.constants[name].value for name in clip.inputs[1:]]
+    assert bounds == [[0.0], [6.0]]
+    reshape = next(n for n in cg.nodes if n.op == "Reshape")
+    assert cg.constants[reshape.inputs[1]].value == [1, -1]
+    assert reshape.output_shapes == [(1, 64)]
+    split_i = next(i for i, n in enumerate(cg.nodes) if n.op == "Split")
+    sub_i = next(i for i, n in enumerate(cg.nodes) if n.op == "Sub")
+    into_sub = sorted(
+        (e.src_port, e.dst_port) for e in cg.edges if e.src == split_i and e.dst == sub_i
+    )
+    assert into_sub == [(0, 1), (1, 0)]  # b - a: second output into the first position
+    conv = next(n for n in cg.nodes if n.op == "Conv")
+    weight_name = conv.inputs[1]
+    assert cg.constants[weight_name].param_names == ["conv.weight"]
+    assert cg.constants[weight_name].value is None  # weights never enter the JSON
+    np.testing.assert_array_equal(cg.weights[weight_name], model.conv.weight.detach().numpy())
+    # JSON carries the operands, safetensors the weights
+    again = ComputeGraph.from_json(cg.to_json())
+    assert again.constants == cg.constants and again.weights == {}
+    again.load_weights(cg.save_weights(tmp_path / "w.safetensors"))
+    np.testing.assert_array_equal(again.weights[weight_name], cg.weights[weight_name])
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CGError, match="safetensors"):
+        again.load_weights(tmp_path / "bad.safetensors")
+
+
+def test_literal_constants_change_the_fingerprint():
+    class Capped(nn.Module):
+        def __init__(self, cap):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.cap = cap
+
+        def forward(self, x):
+            return self.conv(x).clamp(0, self.cap)
+
+    assert (
+        from_torch(Capped(6.0), (1, 3, 4, 4)).fingerprint
+        != from_torch(Capped(1.0), (1, 3, 4, 4)).fingerprint
+    )

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiop.cg.graph import CGError, ComputeGraph, Edge, Node, TensorSpec
+from aiop.cg.draw import draw, to_dot
+from aiop.cg.graph import CGError, ComputeGraph, ConstTensor, Edge, Node, TensorSpec
 from aiop.cg.onnx_import import from_onnx, load_onnx
 from aiop.cg.pyg import FEATURE_VERSION, to_pyg
 from aiop.cg.resolve import graph_for_model, parse_input_shape
@@ -23,17 +24,11 @@ def from_tf_pb(path: Any, *args: Any, **kwargs: Any) -> ComputeGraph:
     return _from_tf_pb(path, *args, **kwargs)
 
 
-def draw(cg: ComputeGraph, path: Any, *args: Any, **kwargs: Any) -> Any:
-    """Draw ``cg`` with graphviz (see :mod:`aiop.cg.draw`)."""
-    from aiop.cg.draw import draw as _draw
-
-    return _draw(cg, path, *args, **kwargs)
-
-
 __all__ = [
     "FEATURE_VERSION",
     "CGError",
     "ComputeGraph",
+    "ConstTensor",
     "Edge",
     "Node",
     "TensorSpec",
@@ -45,5 +40,6 @@ __all__ = [
     "graph_for_model",
     "load_onnx",
     "parse_input_shape",
+    "to_dot",
     "to_pyg",
 ]

@@ -78,6 +78,11 @@ class Node:
     the module's ``named_parameters()`` names, which is how an m-configuration
     maps frozen CG nodes back onto the PyTorch model. ``scope`` is the module
     path the exporter recorded (empty when unknown).
+
+    ``inputs`` names the tensor at every input position, in the op's order
+    (``""`` for an absent optional input): another node's output, a graph input
+    or a key of :attr:`ComputeGraph.constants`. ``outputs`` names the node's
+    outputs. ``input_shapes`` lists the shapes of the present inputs.
     """
 
     name: str
@@ -92,6 +97,8 @@ class Node:
     flops: int = 0
     param_names: list[str] = field(default_factory=list)
     scope: str = ""
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
 
     @property
     def output_bytes(self) -> int:
@@ -116,10 +123,32 @@ class Edge:
     dst: int
     shape: Shape
     dtype: str = "float32"
+    src_port: int = 0  # which output of src
+    dst_port: int = 0  # which input position of dst
 
     @property
     def bytes(self) -> int:
         return tensor_bytes(self.shape, self.dtype)
+
+
+SMALL_CONSTANT = 64  # elements: constants up to this size keep their values in the JSON
+
+
+@dataclass
+class ConstTensor:
+    """A constant operand of a node: a weight, a shape, a scalar.
+
+    ``value`` is kept (flattened) for constants of at most ``SMALL_CONSTANT``
+    elements — shapes, axes, Clip bounds, scalars — so the JSON alone describes
+    the computation; larger ones (weights) live in :attr:`ComputeGraph.weights`
+    when the importer had them. ``param_names`` are the learned parameters it
+    derives from (empty for literals).
+    """
+
+    shape: Shape
+    dtype: str = "float32"
+    value: list[float] | list[int] | None = None
+    param_names: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -133,6 +162,10 @@ class ComputeGraph:
     name: str = ""
     source: str = ""  # "onnx", "torch", "tf" ...
     meta: dict[str, Any] = field(default_factory=dict)
+    constants: dict[str, ConstTensor] = field(default_factory=dict)
+    # Values of the large constants (weights), by constant name. Not part of the
+    # JSON form or of the fingerprint; see save_weights/load_weights.
+    weights: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     # -- basic facts -------------------------------------------------------
     def __len__(self) -> int:
@@ -216,10 +249,15 @@ class ComputeGraph:
                 node.output_dtypes,
                 node.params,
                 node.buffers,
+                [
+                    [pos, list(c.shape), c.value]
+                    for pos, name in enumerate(node.inputs)
+                    if (c := self.constants.get(name)) is not None
+                ],
             ]
             h.update(json.dumps(record, sort_keys=True, default=str).encode())
         for e in self.edges:
-            h.update(f"{e.src}>{e.dst};".encode())
+            h.update(f"{e.src}.{e.src_port}>{e.dst}.{e.dst_port};".encode())
         return h.hexdigest()[:16]
 
     # -- serialisation -----------------------------------------------------
@@ -233,7 +271,18 @@ class ComputeGraph:
             "inputs": [_spec_dict(s) for s in self.inputs],
             "outputs": [_spec_dict(s) for s in self.outputs],
             "nodes": [_node_dict(n) for n in self.nodes],
-            "edges": [[e.src, e.dst, list(e.shape), e.dtype] for e in self.edges],
+            "edges": [
+                [e.src, e.dst, list(e.shape), e.dtype, e.src_port, e.dst_port] for e in self.edges
+            ],
+            "constants": {
+                k: {
+                    "shape": list(c.shape),
+                    "dtype": c.dtype,
+                    "value": c.value,
+                    "param_names": c.param_names,
+                }
+                for k, c in self.constants.items()
+            },
         }
 
     @classmethod
@@ -260,12 +309,21 @@ class ComputeGraph:
                     flops=int(d.get("flops", 0)),
                     param_names=list(d.get("param_names", [])),
                     scope=d.get("scope", ""),
+                    inputs=list(d.get("inputs", [])),
+                    outputs=list(d.get("outputs", [])),
                 )
                 for d in data["nodes"]
             ]
             edges = [
-                Edge(int(s), int(t), tuple(shape), dtype) for s, t, shape, dtype in data["edges"]
+                Edge(int(e[0]), int(e[1]), tuple(e[2]), e[3], *(int(p) for p in e[4:6]))
+                for e in data["edges"]
             ]
+            constants = {
+                k: ConstTensor(
+                    tuple(c["shape"]), c["dtype"], c.get("value"), list(c.get("param_names", []))
+                )
+                for k, c in data.get("constants", {}).items()
+            }
             graph = cls(
                 nodes=nodes,
                 edges=edges,
@@ -278,8 +336,9 @@ class ComputeGraph:
                 name=data.get("name", ""),
                 source=data.get("source", ""),
                 meta=data.get("meta", {}),
+                constants=constants,
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise CGError(f"malformed computational graph JSON: {exc!r}") from None
         graph.validate()
         stored = data.get("fingerprint")
@@ -319,6 +378,29 @@ class ComputeGraph:
             except (OSError, EOFError) as exc:
                 raise CGError(f"{path}: corrupt gzip data ({exc})") from None
         return cls.from_json(raw)
+
+    def save_weights(self, path: str | Path) -> Path:
+        """Write :attr:`weights` as safetensors (no pickle)."""
+        import numpy as np
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        save_file({k: np.ascontiguousarray(v) for k, v in self.weights.items()}, str(path))
+        return path
+
+    def load_weights(self, path: str | Path) -> None:
+        """Read weights written by :meth:`save_weights`; names must be constants of this graph."""
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            loaded = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CGError(f"{path}: not readable safetensors weights ({exc})") from None
+        unknown = sorted(set(loaded) - set(self.constants))
+        if unknown:
+            raise CGError(f"{path}: weights {unknown[:3]} are not constants of this graph")
+        self.weights.update(loaded)
 
     def summary(self) -> dict[str, Any]:
         """Headline numbers, as printed by ``aiop cg``."""

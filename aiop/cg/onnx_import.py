@@ -28,7 +28,15 @@ from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper, shape_inference
 
 from aiop.cg.flops import node_flops
-from aiop.cg.graph import CGError, ComputeGraph, Edge, Node, TensorSpec
+from aiop.cg.graph import (
+    SMALL_CONSTANT,
+    CGError,
+    ComputeGraph,
+    ConstTensor,
+    Edge,
+    Node,
+    TensorSpec,
+)
 from aiop.cg.vocab import OP_VOCAB
 
 log = logging.getLogger(__name__)
@@ -365,13 +373,16 @@ class _Importer:
             shape = self._shape(vi.name) or ()
             dtype = self.info[vi.name].dtype
             producer[vi.name] = len(nodes)
-            nodes.append(Node(vi.name, "Input", "Input", [], [shape], [dtype], scope=""))
+            nodes.append(Node(vi.name, "Input", "Input", [], [shape], [dtype], outputs=[vi.name]))
 
         onnx_nodes = [n for n in graph.node if not all(o in self.consts for o in n.output if o)]
         live = self._live_nodes(onnx_nodes)
         counted: set[str] = set()
         unknown_ops: dict[str, int] = {}
         edges: list[Edge] = []
+        constants: dict[str, ConstTensor] = {}
+        weights: dict[str, np.ndarray] = {}
+        out_port: dict[str, int] = {}  # tensor -> which output of its producer
         for node in onnx_nodes:
             if id(node) not in live:
                 continue
@@ -392,14 +403,18 @@ class _Importer:
             in_shapes: list[tuple[int, ...]] = []
             params = buffers = 0
             param_names: list[str] = []
-            srcs: list[tuple[int, tuple[int, ...], str]] = []
-            for pos, tensor in enumerate(node.input):
-                if not tensor or pos in non_data:
+            srcs: list[tuple[int, tuple[int, ...], str, int, int]] = []
+            input_names = [alias.get(t, t) for t in node.input]
+            for pos, tensor in enumerate(input_names):
+                if not tensor:
                     continue
-                tensor = alias.get(tensor, tensor)
+                const = self.consts.get(tensor)
+                if const is not None and tensor not in constants:
+                    constants[tensor] = self._const_tensor(tensor, const, weights)
+                if pos in non_data:
+                    continue
                 shape = self._shape(tensor)
                 in_shapes.append(shape if shape is not None else ())
-                const = self.consts.get(tensor)
                 if const is not None:
                     size = self._origin_size(const, counted, scalar_ok=node.op_type in _WEIGHT_OPS)
                     if pos in buffer_pos:
@@ -411,7 +426,9 @@ class _Importer:
                     continue
                 if tensor in producer:
                     dtype = self.info[tensor].dtype if tensor in self.info else "float32"
-                    srcs.append((producer[tensor], shape or (), dtype))
+                    srcs.append(
+                        (producer[tensor], shape or (), dtype, out_port.get(tensor, 0), pos)
+                    )
             out_shapes, out_dtypes = [], []
             for out in node.output:
                 if not out:
@@ -439,13 +456,16 @@ class _Importer:
                     flops=flops,
                     param_names=param_names,
                     scope=_scope(node.name),
+                    inputs=input_names,
+                    outputs=list(node.output),
                 )
             )
-            for src, shape, dtype in srcs:
-                edges.append(Edge(src, index, shape, dtype))
-            for out in node.output:
+            for src, shape, dtype, src_port, dst_port in srcs:
+                edges.append(Edge(src, index, shape, dtype, src_port, dst_port))
+            for port, out in enumerate(node.output):
                 if out:
                     producer[out] = index
+                    out_port[out] = port
 
         for op, count in unknown_ops.items():
             log.warning(
@@ -459,7 +479,7 @@ class _Importer:
             info = self.info.get(tensor) or self.info.get(vi.name)
             outputs.append(
                 TensorSpec(
-                    vi.name, info.shape or () if info else (), info.dtype if info else "float32"
+                    tensor, info.shape or () if info else (), info.dtype if info else "float32"
                 )
             )
         missing = [
@@ -485,6 +505,8 @@ class _Importer:
                 "unknown_ops": sorted(unknown_ops),
                 "unknown_shapes": len(missing),
             },
+            constants=constants,
+            weights=weights,
         )
         if missing:
             log.warning(
@@ -492,6 +514,23 @@ class _Importer:
             )
         cg.validate()
         return cg
+
+    def _const_tensor(
+        self, name: str, const: _Const, weights: dict[str, np.ndarray]
+    ) -> ConstTensor:
+        info = self.info.get(name)
+        value = None
+        if const.value is not None:
+            arr = np.asarray(const.value)
+            shape, dtype = tuple(int(d) for d in arr.shape), _np_dtype(arr)
+            if arr.size <= SMALL_CONSTANT and not const.origins:  # a literal, not a weight
+                value = arr.reshape(-1).tolist()
+            else:
+                weights[name] = arr
+        else:
+            shape = info.shape or () if info else ()
+            dtype = info.dtype if info else "float32"
+        return ConstTensor(shape, dtype, value, sorted(const.origins))
 
     def _origin_size(self, const: _Const, counted: set[str], scalar_ok: bool) -> int:
         """Elements of the initializers behind a constant input not already counted."""
