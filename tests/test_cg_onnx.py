@@ -358,3 +358,25 @@ def test_literal_constants_change_the_fingerprint():
         from_torch(Capped(6.0), (1, 3, 4, 4)).fingerprint
         != from_torch(Capped(1.0), (1, 3, 4, 4)).fingerprint
     )
+
+
+def test_torch_transformer_encoder_layer():
+    """nn.MultiheadAttention exports despite torch 2.13's is_causal tracing bug."""
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True)
+    cg = from_torch(layer, (1, 6, 32))
+    assert cg.total_params == sum(p.numel() for p in layer.parameters())
+    assert cg.op_counts()["Softmax"] == 1 and cg.op_counts()["LayerNormalization"] == 2
+    assert (
+        torch.nn.functional.scaled_dot_product_attention.__name__ == "scaled_dot_product_attention"
+    )
+
+
+def test_dynamo_exporter_needs_onnxscript():
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError:
+        with pytest.raises(CGError, match="onnxscript"):
+            from_torch(SmallCNN(), (1, 1, 28, 28), dynamo=True)
+    else:
+        cg = from_torch(SmallCNN(), (1, 1, 28, 28), dynamo=True)
+        assert cg.meta["exporter"] == "dynamo"

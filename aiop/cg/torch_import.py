@@ -9,12 +9,15 @@ changes the model.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from aiop.cg.graph import CGError, ComputeGraph
@@ -23,6 +26,31 @@ from aiop.cg.onnx_import import from_onnx
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
+
+
+@contextlib.contextmanager
+def _sdpa_bool_is_causal() -> Iterator[None]:
+    """Work around torch 2.13's legacy exporter on ``nn.MultiheadAttention``.
+
+    While tracing, ``multi_head_attention_forward`` hands ``is_causal`` to
+    ``scaled_dot_product_attention`` as a tensor, which it rejects ("argument
+    'is_causal' must be bool, not Tensor"). The flag is a constant of the
+    trace, so coercing it back to ``bool`` for the export is exact.
+    """
+    original = F.scaled_dot_product_attention
+
+    def sdpa(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if len(args) > 5 and isinstance(args[5], torch.Tensor):
+            args = (*args[:5], bool(args[5]), *args[6:])
+        if isinstance(kwargs.get("is_causal"), torch.Tensor):
+            kwargs["is_causal"] = bool(kwargs["is_causal"])
+        return original(*args, **kwargs)
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
 
 
 def export_onnx_bytes(
@@ -48,7 +76,8 @@ def export_onnx_bytes(
         f"input_{i}" if len(example_inputs) > 1 else "input" for i in range(len(example_inputs))
     ]
     try:
-        with warnings.catch_warnings():
+        patch = contextlib.nullcontext() if dynamo else _sdpa_bool_is_causal()
+        with warnings.catch_warnings(), patch:
             warnings.simplefilter("ignore")
             kwargs = (
                 {} if dynamo else {"training": mode, "do_constant_folding": do_constant_folding}
