@@ -7,14 +7,30 @@
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import Any
 
 from aiop.cg.draw import draw, to_dot
 from aiop.cg.graph import CGError, ComputeGraph, ConstTensor, Edge, Node, TensorSpec
 from aiop.cg.onnx_import import from_onnx, load_onnx
-from aiop.cg.pyg import FEATURE_VERSION, to_pyg
 from aiop.cg.resolve import graph_for_model, parse_input_shape
-from aiop.cg.torch_import import export_onnx_bytes, from_torch
+
+# Names whose modules import torch (seconds): loaded on first use, so that tools
+# which only read graphs (the cache, the service's store) start fast.
+_LAZY = {
+    "from_torch": "aiop.cg.torch_import",
+    "export_onnx_bytes": "aiop.cg.torch_import",
+    "to_pyg": "aiop.cg.pyg",
+    "FEATURE_VERSION": "aiop.cg.pyg",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'aiop.cg' has no attribute {name!r}")
 
 
 def from_tf_pb(path: Any, *args: Any, **kwargs: Any) -> ComputeGraph:
