@@ -155,6 +155,50 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_predictor_path() -> Path:
+    """The predictor shipped in the package (``aiop/data/default_predictor.safetensors``)."""
+    return Path(__file__).parent / "data" / "default_predictor.safetensors"
+
+
+def load_predictor(path: str | None) -> Any:
+    from aiop.predictor.api import Predictor, PredictorError
+
+    chosen = Path(path) if path else default_predictor_path()
+    if not chosen.is_file():
+        hint = "" if path else " (the packaged default is missing: train one, see README)"
+        raise PredictorError(f"no predictor file at {chosen}{hint}")
+    return Predictor.load(chosen)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from aiop.cg import graph_for_model, parse_input_shape
+
+    predictor = load_predictor(args.predictor)
+    cg = graph_for_model(args.model, parse_input_shape(args.input_shape))
+    results = predictor.predict(cg, args.config)
+    for r in results:
+        r["model"] = args.model
+    data: Any = results[0] if len(results) == 1 else results
+
+    def text() -> str:
+        rows = []
+        for r in results:
+            rows.append(
+                {
+                    "config": r["config"],
+                    "peak memory": human_bytes(r["peak_memory_bytes"]),
+                    "analytic": human_bytes(r["peak_memory_bytes_analytic"]),
+                    "latency": f"{r['latency_s'] * 1000:.1f} ms" if "latency_s" in r else "",
+                    "FLOPs/sample": human_count(r["flops"]),
+                    "trainable": f"{r['trainable_params']:,}",
+                }
+            )
+        return format_table(rows)
+
+    emit(args, data, text)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from aiop.demo import run_demo
 
@@ -195,6 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency", action="store_true", help="also time training steps")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("predict", help="predict memory, latency and FLOPs without profiling")
+    p.add_argument("model", metavar="MODEL", help=model_help)
+    p.add_argument(
+        "--config", required=True, action="append", metavar="SPEC", help="repeat for several"
+    )
+    p.add_argument("--predictor", help="predictor file (default: the one shipped with aiop)")
+    p.add_argument("--input-shape", help="N,C,H,W (required when the file has no static shape)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("demo", help="run the main job end to end on built-in models")
     p.add_argument("--out", default="out/demo", help="folder for graphs, drawings and results")

@@ -380,3 +380,13 @@ def test_dynamo_exporter_needs_onnxscript():
     else:
         cg = from_torch(SmallCNN(), (1, 1, 28, 28), dynamo=True)
         assert cg.meta["exporter"] == "dynamo"
+
+
+def test_batchnorm_after_global_pooling_exports_at_batch_one():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8, 2)
+    )
+    cg = from_torch(model, (1, 3, 8, 8))
+    assert cg.op_counts()["BatchNormalization"] == 1
+    with pytest.raises(ValueError, match="more than 1 value"):
+        model.train()(torch.randn(1, 3, 8, 8))  # the guard is back after the export

@@ -29,8 +29,10 @@ DEFAULT_OPSET = 17
 
 
 @contextlib.contextmanager
-def _sdpa_bool_is_causal() -> Iterator[None]:
-    """Work around torch 2.13's legacy exporter on ``nn.MultiheadAttention``.
+def _export_patches() -> Iterator[None]:
+    """Work around two refusals of torch 2.13's legacy exporter.
+
+    First, ``nn.MultiheadAttention``.
 
     While tracing, ``multi_head_attention_forward`` hands ``is_causal`` to
     ``scaled_dot_product_attention`` as a tensor, which it rejects ("argument
@@ -47,10 +49,16 @@ def _sdpa_bool_is_causal() -> Iterator[None]:
         return original(*args, **kwargs)
 
     F.scaled_dot_product_attention = sdpa
+    # CGs are built at batch 1, where F.batch_norm's Python guard refuses a BatchNorm
+    # after global pooling ("Expected more than 1 value per channel when training").
+    # The traced graph does not depend on that check, so it is lifted for the export.
+    verify = F._verify_batch_size
+    F._verify_batch_size = lambda size: None
     try:
         yield
     finally:
         F.scaled_dot_product_attention = original
+        F._verify_batch_size = verify
 
 
 def export_onnx_bytes(
@@ -76,7 +84,7 @@ def export_onnx_bytes(
         f"input_{i}" if len(example_inputs) > 1 else "input" for i in range(len(example_inputs))
     ]
     try:
-        patch = contextlib.nullcontext() if dynamo else _sdpa_bool_is_causal()
+        patch = contextlib.nullcontext() if dynamo else _export_patches()
         with warnings.catch_warnings(), patch:
             warnings.simplefilter("ignore")
             kwargs = (

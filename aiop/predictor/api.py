@@ -1,0 +1,406 @@
+"""``Predictor``: fit on measured samples, predict many configurations of a graph, save/load.
+
+Targets and how they are learned:
+
+* ``memory`` — peak training memory (bytes): the analytic estimate times
+  ``exp(correction)``; the head learns the log-ratio ``log(measured/analytic)``
+  (``stand``-normalised);
+* ``latency`` — seconds per training step (``log`` normaliser);
+* ``flops`` — forward FLOPs per sample (``log``); the CG's own count is exact
+  and is what :meth:`Predictor.predict` reports, the head's value is kept as
+  ``flops_predicted`` for comparison with AIO-P's setting;
+* ``acc:<task>`` — a task metric (``stand`` or ``stand_flops``, AIO-P's
+  ``-tar_norm``).
+
+The file format is one ``.safetensors`` file: the weights, plus JSON metadata
+naming the format, the CG feature version, the GNN spec, the normalisers and
+the validation error quantiles. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from aiop import __version__
+from aiop.cg.graph import ComputeGraph
+from aiop.cg.pyg import FEATURE_VERSION, NUM_NODE_FEATURES
+from aiop.cg.vocab import OP_VOCAB
+from aiop.mconfig import MConfig
+from aiop.mconfig.config import VECTOR_NAMES
+from aiop.predictor.analytic import estimate_memory
+from aiop.predictor.features import ANALYTIC_NAMES, GraphFeaturizer, analytic_features
+from aiop.predictor.model import GNNSpec, PerformanceGNN
+from aiop.predictor.normalize import Normalizer
+
+log = logging.getLogger(__name__)
+
+FORMAT = "aiop-predictor"
+FORMAT_VERSION = 1
+
+
+class PredictorError(ValueError):
+    """A predictor file is unusable, or a predictor was asked what it cannot answer."""
+
+
+@dataclass
+class Sample:
+    """One measured (graph, configuration) pair; ``labels`` maps target → value."""
+
+    cg: ComputeGraph
+    config: MConfig
+    labels: dict[str, float]
+    family: str = ""
+
+
+@dataclass
+class FitReport:
+    epochs: int
+    train_loss: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _default_norm(target: str, tar_norm: str) -> str:
+    if target == "memory":
+        return "stand"  # applied to the log-ratio
+    if target in ("latency", "flops"):
+        return "log"
+    return tar_norm
+
+
+class Predictor:
+    """Predicts memory, latency, FLOPs and task metrics of training configurations.
+
+    The constructor only stores settings (scikit-learn style); :meth:`fit`
+    builds and trains the network.
+    """
+
+    def __init__(
+        self,
+        spec: GNNSpec | None = None,
+        targets: Sequence[str] = ("memory", "latency", "flops"),
+        tar_norm: str = "stand",
+        epochs: int = 60,
+        batch_size: int = 64,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-5,
+        grad_clip: float = 5.0,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        self.spec = spec
+        self.targets = list(targets)
+        self.tar_norm = tar_norm
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.grad_clip = grad_clip
+        self.seed = seed
+        self.progress = progress
+        self.model: PerformanceGNN | None = None
+        self.normalizers: dict[str, Normalizer] = {}
+        self.error_quantiles: dict[str, dict[str, float]] = {}
+        self.meta: dict[str, Any] = {}
+        self._featurizer = GraphFeaturizer()
+
+    # -- targets -------------------------------------------------------------
+    def _raw_target(self, target: str, sample: Sample, analytic_peak: float) -> float | None:
+        value = sample.labels.get(target)
+        if value is None or not math.isfinite(value):
+            return None
+        if target == "memory":
+            return math.log(max(value, 1.0)) - math.log(max(analytic_peak, 1.0))
+        return float(value)
+
+    # -- featurisation ---------------------------------------------------------
+    def _rows(
+        self, samples: Sequence[Sample]
+    ) -> tuple[list[Any], np.ndarray, np.ndarray, list[float]]:
+        graphs, configs, analytic, peaks = [], [], [], []
+        for s in samples:
+            graphs.append(self._featurizer.pyg(s.cg, s.config))
+            estimate, feats = self._featurizer.analytic(s.cg, s.config)
+            configs.append(s.config.as_vector())
+            analytic.append(feats)
+            peaks.append(float(estimate.peak_memory_bytes))
+        return graphs, np.asarray(configs, np.float32), np.asarray(analytic, np.float32), peaks
+
+    # -- training --------------------------------------------------------------
+    def fit(self, samples: Sequence[Sample], finetune: bool = False) -> FitReport:
+        """Train on ``samples`` (or fine-tune an already fitted predictor)."""
+        from torch_geometric.data import Batch
+        from tqdm import tqdm
+
+        if not samples:
+            raise PredictorError("no samples to fit on")
+        torch.manual_seed(self.seed)
+        rng = random.Random(self.seed)
+        graphs, configs, analytic, peaks = self._rows(samples)
+        flops = np.asarray([s.cg.total_flops for s in samples], np.float64)
+        if not finetune or self.model is None:
+            targets = [t for t in self.targets if any(t in s.labels for s in samples)]
+            if not targets:
+                raise PredictorError(f"no sample has any of the targets {self.targets}")
+            self.targets = targets
+            spec = self.spec or GNNSpec()
+            spec.targets = list(targets)
+            spec.config_dim, spec.analytic_dim = len(VECTOR_NAMES), len(ANALYTIC_NAMES)
+            self.spec = spec
+            self.model = PerformanceGNN(spec)
+            self.normalizers = {}
+        assert self.model is not None
+        y = np.full((len(samples), len(self.targets)), np.nan)
+        for j, t in enumerate(self.targets):
+            raw = [self._raw_target(t, s, p) for s, p in zip(samples, peaks)]
+            have = np.asarray([v is not None for v in raw])
+            values = np.asarray([v if v is not None else 1.0 for v in raw], np.float64)
+            if t not in self.normalizers:
+                norm = Normalizer(_default_norm(t, self.tar_norm))
+                if have.any():
+                    norm.fit(values[have], flops[have])
+                self.normalizers[t] = norm
+            if have.any():
+                y[have, j] = self.normalizers[t].transform(values[have], flops[have])
+        y_t = torch.tensor(y, dtype=torch.float32)
+        cfg_t, ana_t = torch.from_numpy(configs), torch.from_numpy(analytic)
+        opt = torch.optim.Adam(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(self.epochs, 1))
+        report = FitReport(epochs=self.epochs)
+        t0 = time.perf_counter()
+        order = list(range(len(samples)))
+        bar = tqdm(range(self.epochs), desc="fit", disable=not self.progress, leave=False)
+        self.model.train()
+        for _ in bar:
+            rng.shuffle(order)
+            total, count = 0.0, 0
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start : start + self.batch_size]
+                batch = Batch.from_data_list([graphs[i] for i in idx])
+                out = self.model(batch, cfg_t[idx], ana_t[idx])
+                target = y_t[idx]
+                losses = []
+                for j, t in enumerate(self.targets):
+                    mask = ~torch.isnan(target[:, j])
+                    if mask.any():
+                        losses.append(torch.mean((out[t][mask] - target[mask, j]) ** 2))
+                if not losses:
+                    continue
+                loss = torch.stack(losses).sum()
+                opt.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+                opt.step()
+                total += loss.item() * len(idx)
+                count += len(idx)
+            sched.step()
+            report.train_loss.append(total / max(count, 1))
+            bar.set_postfix(loss=f"{report.train_loss[-1]:.4f}")
+        self.model.eval()
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    def calibrate(self, samples: Sequence[Sample]) -> dict[str, dict[str, float]]:
+        """Record relative-error quantiles on held-out ``samples`` (the planner's safety margin)."""
+        out: dict[str, dict[str, float]] = {}
+        by_graph: dict[str, list[Sample]] = {}
+        for s in samples:
+            by_graph.setdefault(s.cg.fingerprint, []).append(s)
+        errors: dict[str, list[float]] = {}
+        for group in by_graph.values():
+            preds = self.predict(group[0].cg, [s.config for s in group])
+            for s, p in zip(group, preds):
+                for t, key in (("memory", "peak_memory_bytes"), ("latency", "latency_s")):
+                    if t in s.labels and key in p:
+                        errors.setdefault(t, []).append(p[key] / s.labels[t] - 1.0)
+        for t, e in errors.items():
+            arr = np.asarray(e)
+            out[t] = {
+                "n": int(arr.size),
+                "q50_abs": float(np.quantile(np.abs(arr), 0.5)),
+                "q95_abs": float(np.quantile(np.abs(arr), 0.95)),
+                "q99_under": float(max(0.0, -np.quantile(arr, 0.01))),
+                "max_under": float(max(0.0, -arr.min())),
+            }
+        self.error_quantiles = out
+        return out
+
+    # -- inference ---------------------------------------------------------------
+    def _check_fitted(self) -> PerformanceGNN:
+        if self.model is None:
+            raise PredictorError("the predictor is not fitted: call fit() or Predictor.load()")
+        return self.model
+
+    @torch.no_grad()
+    def predict(self, cg: ComputeGraph, configs: Iterable[MConfig | str]) -> list[dict[str, Any]]:
+        """Predictions for every configuration of one graph, in order.
+
+        The graph is encoded once per distinct (freeze, ckpt, method); the
+        heads run on all configurations at once.
+        """
+        model = self._check_fitted()
+        configs = [MConfig.parse(c) for c in configs]
+        if not configs:
+            return []
+        from torch_geometric.data import Batch
+
+        unknown = cg.meta.get("unknown_ops") or sorted(
+            {n.op for n in cg.nodes if n.op not in OP_VOCAB}
+        )
+        if unknown:
+            log.warning(
+                "graph has ops outside the vocabulary (%s): predictions may be off", unknown
+            )
+        fp = cg.fingerprint
+        cg.meta.setdefault("fp", fp)
+        plans: dict = {}
+        estimates, analytic, vectors = [], [], []
+        for c in configs:
+            c.validate_for(_block_count(cg), cg.name or "the graph")
+            est = estimate_memory(cg, c, plans)
+            estimates.append(est)
+            analytic.append(analytic_features(cg, c, est))
+            vectors.append(c.as_vector())
+        keys: dict[tuple, int] = {}
+        groups: list[int] = []
+        datas = []
+        for c in configs:
+            key = (round(c.freeze, 6), c.ckpt, c.method)
+            if key not in keys:
+                keys[key] = len(datas)
+                datas.append(self._featurizer.pyg(cg, c))
+            groups.append(keys[key])
+        embeddings = model.encode(Batch.from_data_list(datas))
+        emb = embeddings[torch.tensor(groups)]
+        out = model.heads_forward(
+            emb,
+            torch.tensor(vectors, dtype=torch.float32),
+            torch.tensor(analytic, dtype=torch.float32),
+        )
+        flops = np.full(len(configs), float(cg.total_flops))
+        results: list[dict[str, Any]] = []
+        decoded = {
+            t: self.normalizers[t].inverse(out[t].numpy().astype(np.float64), flops) for t in out
+        }
+        for k, (c, est) in enumerate(zip(configs, estimates)):
+            r: dict[str, Any] = {"config": c.format()}
+            if "memory" in decoded:
+                peak = est.peak_memory_bytes * math.exp(float(decoded["memory"][k]))
+            else:
+                peak = float(est.peak_memory_bytes)
+            r["peak_memory_bytes"] = round(peak)
+            r["peak_memory_bytes_analytic"] = int(est.peak_memory_bytes)
+            r["breakdown"] = dict(est.breakdown)
+            if "latency" in decoded:
+                r["latency_s"] = float(decoded["latency"][k])
+            r["flops"] = int(cg.total_flops)
+            r["params"] = int(cg.total_params)
+            r["trainable_params"] = int(est.trainable_params)
+            if "flops" in decoded:
+                r["flops_predicted"] = float(decoded["flops"][k])
+            for t in decoded:
+                if t.startswith("acc:"):
+                    r.setdefault("accuracy", {})[t[4:]] = float(decoded[t][k])
+            results.append(r)
+        return results
+
+    # -- persistence ------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        model = self._check_fitted()
+        path = Path(path)
+        meta = {
+            "format": FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "feature_version": str(FEATURE_VERSION),
+            "aiop_version": __version__,
+            "config": json.dumps(
+                {
+                    "spec": model.spec.to_dict(),
+                    "targets": self.targets,
+                    "tar_norm": self.tar_norm,
+                    "normalizers": {t: n.to_dict() for t, n in self.normalizers.items()},
+                    "error_quantiles": self.error_quantiles,
+                    "vocabulary": list(OP_VOCAB),
+                    "num_node_features": NUM_NODE_FEATURES,
+                    "config_vector": list(VECTOR_NAMES),
+                    "analytic_features": list(ANALYTIC_NAMES),
+                    "meta": self.meta,
+                }
+            ),
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp), metadata=meta)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Predictor:
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise PredictorError(f"no such predictor file: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open API)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise PredictorError(
+                f"{path}: not a predictor file ({str(exc).splitlines()[0]})"
+            ) from None
+        if meta.get("format") != FORMAT:
+            raise PredictorError(
+                f"{path}: not an aiop predictor file (format {meta.get('format')!r})"
+            )
+        if meta.get("format_version") != str(FORMAT_VERSION):
+            raise PredictorError(
+                f"{path}: predictor format {meta.get('format_version')} is not supported "
+                f"(this aiop reads {FORMAT_VERSION})"
+            )
+        if meta.get("feature_version") != str(FEATURE_VERSION):
+            raise PredictorError(
+                f"{path}: trained on CG feature version {meta.get('feature_version')}, this aiop "
+                f"featurises graphs with version {FEATURE_VERSION}: retrain the predictor"
+            )
+        try:
+            config = json.loads(meta["config"])
+            spec = GNNSpec.from_dict(config["spec"])
+            pred = cls(spec=spec, targets=config["targets"], tar_norm=config["tar_norm"])
+            pred.normalizers = {
+                t: Normalizer.from_dict(d) for t, d in config["normalizers"].items()
+            }
+            pred.error_quantiles = config.get("error_quantiles", {})
+            pred.meta = config.get("meta", {})
+            if config.get("vocabulary") != list(OP_VOCAB):
+                raise PredictorError(f"{path}: op vocabulary differs from this aiop's")
+            model = PerformanceGNN(spec)
+            model.load_state_dict(state)
+        except PredictorError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError, json.JSONDecodeError) as exc:
+            raise PredictorError(
+                f"{path}: corrupt predictor metadata ({str(exc).splitlines()[0]})"
+            ) from None
+        model.eval()
+        pred.model = model
+        return pred
+
+
+def _block_count(cg: ComputeGraph) -> int:
+    from aiop.mconfig.config import node_blocks
+
+    known = [b for b in node_blocks(cg) if b is not None]
+    return max(known) + 1 if known else 0

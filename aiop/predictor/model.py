@@ -1,0 +1,177 @@
+"""The GNN that predicts training performance from a CG and an m-configuration.
+
+``PerformanceGNN`` = a :class:`GraphEncoder` (node embedding → stacked message
+passing → pooling) whose graph embedding is joined with the configuration
+vector and the analytic features before one small MLP head per target.
+
+Encoders (``GNNSpec.conv``):
+
+* ``graphconv``: AIO-P's k-GNN baseline (``GraphConv``, no edge features);
+  :meth:`GNNSpec.aiop_baseline` gives its exact setting: 6 layers, 32 wide,
+  tanh, mean pooling;
+* ``gine``: GINE with the edge feature (tensor bytes), residual connections;
+* ``gatv2``: GATv2 attention with edge features.
+
+Pooling: ``mean``, ``sum``, ``attention`` (PyG's ``AttentionalAggregation``) or
+``sum+mean`` (both, concatenated).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from aiop.cg.pyg import NUM_EDGE_FEATURES, NUM_GRAPH_FEATURES, NUM_NODE_FEATURES
+
+CONVS = ("graphconv", "gine", "gatv2")
+POOLS = ("mean", "sum", "attention", "sum+mean")
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+
+
+@dataclass
+class GNNSpec:
+    """Hyperparameters of :class:`PerformanceGNN` (stored in the predictor file)."""
+
+    conv: str = "gine"
+    layers: int = 4
+    hidden: int = 64
+    pool: str = "sum+mean"
+    activation: str = "relu"
+    dropout: float = 0.0
+    head_hidden: int = 64
+    config_dim: int = 17
+    analytic_dim: int = 9
+    targets: list[str] = field(default_factory=lambda: ["memory", "latency", "flops"])
+
+    @classmethod
+    def aiop_baseline(cls, **overrides: Any) -> GNNSpec:
+        """AIO-P's predictor: 6 × GraphConv, 32 wide, tanh, mean pooling."""
+        base = {
+            "conv": "graphconv",
+            "layers": 6,
+            "hidden": 32,
+            "pool": "mean",
+            "activation": "tanh",
+        }
+        return cls(**{**base, **overrides})
+
+    def validate(self) -> None:
+        if self.conv not in CONVS:
+            raise ValueError(f"unknown conv {self.conv!r}; choose one of {CONVS}")
+        if self.pool not in POOLS:
+            raise ValueError(f"unknown pool {self.pool!r}; choose one of {POOLS}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}")
+        if self.layers < 1 or self.hidden < 1:
+            raise ValueError("layers and hidden must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GNNSpec:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def _make_conv(kind: str, hidden: int) -> nn.Module:
+    from torch_geometric.nn import GATv2Conv, GINEConv, GraphConv
+
+    if kind == "graphconv":
+        return GraphConv(hidden, hidden, aggr="add")
+    if kind == "gine":
+        mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
+        return GINEConv(mlp, edge_dim=NUM_EDGE_FEATURES, train_eps=True)
+    return GATv2Conv(hidden, hidden // 4, heads=4, edge_dim=NUM_EDGE_FEATURES)
+
+
+class GraphEncoder(nn.Module):
+    """Node features → ``layers`` message-passing steps → one vector per graph."""
+
+    def __init__(self, spec: GNNSpec) -> None:
+        super().__init__()
+        from torch_geometric.nn import AttentionalAggregation
+
+        self.spec = spec
+        act = ACTIVATIONS[spec.activation]
+        self.embed = nn.Sequential(nn.Linear(NUM_NODE_FEATURES, spec.hidden), act())
+        self.convs = nn.ModuleList(_make_conv(spec.conv, spec.hidden) for _ in range(spec.layers))
+        self.norms = nn.ModuleList(nn.LayerNorm(spec.hidden) for _ in range(spec.layers))
+        self.act = act()
+        self.dropout = nn.Dropout(spec.dropout)
+        self.attention = (
+            AttentionalAggregation(nn.Linear(spec.hidden, 1)) if spec.pool == "attention" else None
+        )
+        self.out_dim = spec.hidden * (2 if spec.pool == "sum+mean" else 1) + NUM_GRAPH_FEATURES
+
+    def forward(self, data: Any) -> torch.Tensor:
+        from torch_geometric.nn import global_add_pool, global_mean_pool
+
+        x = self.embed(data.x)
+        batch = getattr(data, "batch", None)
+        if batch is None:
+            batch = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        residual = self.spec.conv != "graphconv"  # the AIO-P baseline stays as published
+        for conv, norm in zip(self.convs, self.norms):
+            if self.spec.conv == "graphconv":
+                h = conv(x, data.edge_index)
+            else:
+                h = conv(x, data.edge_index, data.edge_attr)
+            h = self.dropout(self.act(norm(h)))
+            x = x + h if residual else h
+        if self.spec.pool == "mean":
+            pooled = global_mean_pool(x, batch)
+        elif self.spec.pool == "sum":
+            pooled = global_add_pool(x, batch)
+        elif self.spec.pool == "attention":
+            pooled = self.attention(x, batch)
+        else:
+            # sum pooling scaled down: graph sizes span 10–1,000 nodes
+            pooled = torch.cat([global_add_pool(x, batch) / 100.0, global_mean_pool(x, batch)], 1)
+        return torch.cat([pooled, data.graph_attr], dim=1)
+
+
+class PerformanceGNN(nn.Module):
+    """Graph embedding + configuration + analytic features → one output per target."""
+
+    def __init__(self, spec: GNNSpec) -> None:
+        super().__init__()
+        spec.validate()
+        self.spec = spec
+        self.encoder = GraphEncoder(spec)
+        in_dim = self.encoder.out_dim + spec.config_dim + spec.analytic_dim
+        self.heads = nn.ModuleDict(
+            {
+                t: nn.Sequential(
+                    nn.Linear(in_dim, spec.head_hidden),
+                    nn.ReLU(),
+                    nn.Linear(spec.head_hidden, spec.head_hidden),
+                    nn.ReLU(),
+                    nn.Linear(spec.head_hidden, 1),
+                )
+                for t in spec.targets
+            }
+        )
+
+    def encode(self, data: Any) -> torch.Tensor:
+        """``[num_graphs, encoder.out_dim]`` embeddings of a PyG batch."""
+        return self.encoder(data)
+
+    def heads_forward(
+        self,
+        embedding: torch.Tensor,
+        config: torch.Tensor,
+        analytic: torch.Tensor,
+        targets: list[str] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Predictions (normalised) for rows of (embedding, config, analytic)."""
+        z = torch.cat([embedding, config, analytic], dim=1)
+        return {t: self.heads[t](z).squeeze(1) for t in targets or self.spec.targets}
+
+    def forward(
+        self, data: Any, config: torch.Tensor, analytic: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        return self.heads_forward(self.encode(data), config, analytic)

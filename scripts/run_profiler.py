@@ -1,0 +1,82 @@
+#!/usr/bin/env python
+"""Fill a store with profiler labels (AIO-P's run_profiler.py, crash-safe and resumable).
+
+    python scripts/run_profiler.py -cache_file store.db -models family:ofa_mbv3:0 zoo:resnet18 \
+        -profiler memory flops params -mode meta -configs random:16
+
+Without ``-reprofile`` labels already in the store are kept and skipped, so a
+killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from aiop.cache import CacheError, Store
+from aiop.cache.runner import PROFILERS, add_models, profile_store
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-cache_file", required=True, help="SQLite store (created if missing)")
+    parser.add_argument("-models", nargs="*", default=[], help="MODELs to add before profiling")
+    parser.add_argument(
+        "-family_samples",
+        nargs="*",
+        default=[],
+        metavar="FAMILY:N",
+        help="add N deterministic samples of a family, e.g. ofa_mbv3:40",
+    )
+    parser.add_argument(
+        "-profiler", nargs="+", default=["memory", "flops", "params"], choices=PROFILERS
+    )
+    parser.add_argument("-mode", default="meta", choices=["meta", "real", "cuda"])
+    parser.add_argument("-configs", default="random:16", help="grid, random:N or 'spec;spec'")
+    parser.add_argument("-reprofile", action="store_true", help="measure existing labels again")
+    parser.add_argument("-latency_steps", type=int, default=5)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        models = list(args.models)
+        for item in args.family_samples:
+            family, _, n = item.partition(":")
+            if not n.isdigit():
+                raise CacheError(f"-family_samples wants FAMILY:N, not {item!r}")
+            models += [f"family:{family}:{seed}" for seed in range(int(n))]
+        if models:
+            with Store(args.cache_file) as store:
+                add_models(store, models, progress=not args.quiet)
+        report = profile_store(
+            args.cache_file,
+            args.profiler,
+            mode=args.mode,
+            configs=args.configs,
+            reprofile=args.reprofile,
+            latency_steps=args.latency_steps,
+            progress=not args.quiet,
+        )
+    except KeyboardInterrupt:
+        print("interrupted: finished records are kept; run again to resume", file=sys.stderr)
+        return 130
+    except (CacheError, ValueError) as exc:
+        print(f"run_profiler: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    summary = {"measured": report.measured, "skipped": report.skipped, "failed": len(report.failed)}
+    print(
+        json.dumps(summary)
+        if args.json
+        else f"measured {report.measured}, skipped {report.skipped} (already labelled), "
+        f"failed {len(report.failed)}"
+    )
+    for fp, spec, reason in report.failed[:10]:
+        print(f"  failed {fp} {spec}: {reason}", file=sys.stderr)
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
