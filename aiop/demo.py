@@ -44,36 +44,62 @@ def demo_models() -> dict[str, Any]:
     return models
 
 
-def _profile_rows(name: str, factory: Any) -> list[dict[str, Any]]:
-    try:
-        from aiop.profiler import profile
-    except ImportError:
-        return []
+def _profile_rows(name: str, factory: Any, cg: Any, predictor: Any) -> list[dict[str, Any]]:
+    """Meta-mode profiles of the demo configs, with the predictor's answer beside each."""
+    from aiop.profiler import profile
+
     rows = []
+    predicted: dict[str, Any] = {}
+    if predictor is not None:
+        for spec in DEMO_CONFIGS:
+            try:
+                predicted[spec] = predictor.predict(cg, [spec])[0]
+            except ValueError:  # a config this graph cannot take; the profile says why
+                continue
     for spec in DEMO_CONFIGS:
+        t0 = time.perf_counter()
         try:
-            result = profile(factory, spec, mode="meta").to_dict()
-        except ValueError as exc:  # a config the model cannot take
-            rows.append({"model": name, "config": spec, "error": str(exc)})
+            result = profile(factory, spec, mode="meta", flops=False).to_dict()
+        except ValueError as exc:
+            rows.append({"model": name, "config": spec, "error": str(exc).splitlines()[0]})
             continue
-        rows.append(
-            {
-                "model": name,
-                "config": spec,
-                "peak_memory_bytes": result["peak_memory_bytes"],
-                "activations": result["breakdown"].get("activations"),
-            }
-        )
+        row = {
+            "model": name,
+            "config": spec,
+            "peak_memory_bytes": result["peak_memory_bytes"],
+            "activations": result["breakdown"].get("activations"),
+            "profile_s": round(time.perf_counter() - t0, 3),
+        }
+        if spec in predicted:
+            row["predicted_bytes"] = predicted[spec]["peak_memory_bytes"]
+            row["analytic_bytes"] = predicted[spec]["peak_memory_bytes_analytic"]
+        rows.append(row)
     return rows
+
+
+def _load_default_predictor() -> Any:
+    from aiop.cli import default_predictor_path
+    from aiop.predictor.api import Predictor, PredictorError
+
+    path = default_predictor_path()
+    if not path.is_file():
+        log.warning("no packaged predictor at %s: showing profiles only", path)
+        return None
+    try:
+        return Predictor.load(path)
+    except PredictorError as exc:
+        log.warning("packaged predictor unusable: %s", exc)
+        return None
 
 
 def run_demo(out_dir: Path, as_json: bool = False) -> int:
     from aiop.cg import ComputeGraph, draw, from_torch, to_pyg
-    from aiop.cli import format_table, human_bytes, human_count
+    from aiop.cli import format_table, human_count
 
     out_dir.mkdir(parents=True, exist_ok=True)
     can_draw = shutil.which("dot") is not None
     graphs, memory = [], []
+    predictor = _load_default_predictor()
     for name, factory in demo_models().items():
         t0 = time.perf_counter()
         model: nn.Module = factory()
@@ -98,7 +124,7 @@ def run_demo(out_dir: Path, as_json: bool = False) -> int:
                 "drawing": drawing,
             }
         )
-        memory.extend(_profile_rows(name, factory))
+        memory.extend(_profile_rows(name, factory, cg, predictor))
     report = {"graphs": graphs, "memory": memory}
     (out_dir / "demo.json").write_text(json.dumps(report, indent=2))
     if as_json:
@@ -122,19 +148,18 @@ def run_demo(out_dir: Path, as_json: bool = False) -> int:
         )
     )
     if memory:
-        print("\nPeak training memory (meta-mode profile of one optimizer step)\n")
+        print("\nPeak training memory: meta-mode profile of one optimizer step vs prediction\n")
         print(
             format_table(
                 [
                     {
                         "model": r["model"],
                         "config": r["config"],
-                        "peak": human_bytes(r["peak_memory_bytes"])
-                        if "peak_memory_bytes" in r
-                        else "",
-                        "activations": human_bytes(r["activations"])
-                        if r.get("activations")
-                        else "",
+                        "measured": _fmt(r, "peak_memory_bytes"),
+                        "predicted": _fmt(r, "predicted_bytes"),
+                        "error": _err(r),
+                        "analytic": _fmt(r, "analytic_bytes"),
+                        "profile": f"{r['profile_s']:.1f} s" if "profile_s" in r else "",
                         "note": r.get("error", ""),
                     }
                     for r in memory
@@ -143,3 +168,15 @@ def run_demo(out_dir: Path, as_json: bool = False) -> int:
         )
     print(f"\nGraphs, drawings and demo.json written to {out_dir}/")
     return 0
+
+
+def _fmt(row: dict[str, Any], key: str) -> str:
+    from aiop.cli import human_bytes
+
+    return human_bytes(row[key]) if row.get(key) else ""
+
+
+def _err(row: dict[str, Any]) -> str:
+    if not row.get("predicted_bytes") or not row.get("peak_memory_bytes"):
+        return ""
+    return f"{100 * (row['predicted_bytes'] / row['peak_memory_bytes'] - 1):+.1f}%"
