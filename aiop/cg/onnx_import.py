@@ -536,8 +536,10 @@ class _Importer:
         """Elements of the initializers behind a constant input not already counted."""
         fresh = [o for o in const.origins if o not in counted]
         size = sum(self.init_sizes.get(o, 0) for o in fresh)
-        if not scalar_ok and size <= 1:
-            return 0  # a scalar constant (Add 1.0, Div by sqrt(d)) is not a parameter
+        if not scalar_ok and size <= 1 and not any(_is_named_parameter(o) for o in fresh):
+            # a scalar literal (Add 1.0, Div by sqrt(d)) that an exporter stored as an
+            # initializer is not a parameter; a named one (CLIP's logit_scale) is
+            return 0
         if not scalar_ok and not any(self._is_float_init(o) for o in fresh):
             return 0
         return size
@@ -592,6 +594,11 @@ def _without_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
         elif t.name not in declared:
             g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     return light
+
+
+def _is_named_parameter(name: str) -> bool:
+    """Initializer names that exporters generate for literals ('onnx::Mul_12', '/x/Const')."""
+    return not name.startswith(("onnx::", "/", "_v_", "ortshared_")) and not name.isdigit()
 
 
 def _dtype(elem_type: int) -> str:
