@@ -16,7 +16,7 @@ import logging
 import sys
 
 from aiop.cache import CacheError, Store
-from aiop.cache.runner import PROFILERS, add_models, profile_store
+from aiop.cache.runner import PROFILERS, add_models, configs_for_graph, profile_store
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
+        configs_for_graph("0", args.configs, 1)  # bad -configs fail before anything is written
         models = list(args.models)
         for item in args.family_samples:
             family, _, n = item.partition(":")
