@@ -373,8 +373,12 @@ def node_blocks(cg: _GraphLike) -> list[int | None]:
     return out
 
 
-def cg_plan(config: MConfig, cg: _GraphLike) -> tuple[list[bool], list[tuple[int, int]]]:
+def cg_plan(
+    config: MConfig, cg: _GraphLike, blocks: list[int | None] | None = None
+) -> tuple[list[bool], list[tuple[int, int]]]:
     """Per-node trainability of weighted nodes and the checkpoint segments, from a CG alone.
+
+    ``blocks`` may pass :func:`node_blocks` of ``cg`` when the caller has it already.
 
     Layers are the distinct module paths of the weighted nodes' parameter names
     (one layer per node when names are missing), in forward order; TinyTL's
@@ -414,7 +418,7 @@ def cg_plan(config: MConfig, cg: _GraphLike) -> tuple[list[bool], list[tuple[int
             )
             for name in names
         )
-    blocks = node_blocks(cg)
+    blocks = node_blocks(cg) if blocks is None else blocks
     known = [b for b in blocks if b is not None]
     segments: list[tuple[int, int]] = []
     if config.ckpt and known and any(trainable):

@@ -38,6 +38,8 @@ import bisect
 import itertools
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from aiop.cg.graph import ComputeGraph, tensor_bytes
 from aiop.cg.vocab import VIEW_OPS
 from aiop.mconfig import MConfig
@@ -259,12 +261,15 @@ class ActivationProfile:
 
 
 def simulate_step(
-    cg: ComputeGraph, own_trainable: list[bool], segments_of_node: list[int | None]
+    cg: ComputeGraph,
+    own_trainable: list[bool],
+    segments_of_node: list[int | None],
+    last_uses: dict[tuple[int, int], int] | None = None,
 ) -> ActivationProfile:
     """Walk the forward and the backward pass once, tracking which tensors are alive."""
     requires_grad, sizes, saves = saved_tensors(cg, own_trainable)
     n = cg.num_nodes
-    consumers_last = _last_uses(cg)
+    consumers_last = _last_uses(cg) if last_uses is None else last_uses
     outputs_of_graph = {(i, 0) for i, node in enumerate(cg.nodes) if node.outputs and
                         any(node.outputs[0] == o.name for o in cg.outputs)}  # fmt: skip
 
@@ -290,22 +295,27 @@ def simulate_step(
 
     # forward: a tensor lives until its last consumer ran, longer if saved
     alive: dict[tuple[int, int], int] = {}
+    live_total = 0  # sum(alive.values()), kept incrementally
     forward_peak = 0
     release_at: dict[int, list[tuple[int, int]]] = {}
     for key, last in consumers_last.items():
         release_at.setdefault(last, []).append(key)
     for i in range(n):
         for key in new_storage(i):
-            alive[key] = sizes[key]
-        for key in saves[i] - set(alive):
-            if key[1] == -1:  # indices / masks made by this op
+            if key not in alive:
                 alive[key] = sizes[key]
-        forward_peak = max(forward_peak, sum(alive.values()))
+                live_total += sizes[key]
+        for key in saves[i]:
+            if key[1] == -1 and key not in alive:  # indices / masks made by this op
+                alive[key] = sizes[key]
+                live_total += sizes[key]
+        forward_peak = max(forward_peak, live_total)
         for key in release_at.get(i, ()):
-            if key not in kept and key not in outputs_of_graph:
-                alive.pop(key, None)
-        for key in [k for k in alive if k[1] == -1 and k not in kept]:
-            alive.pop(key)
+            if key not in kept and key not in outputs_of_graph and key in alive:
+                live_total -= alive.pop(key)
+        for key in saves[i]:
+            if key[1] == -1 and key not in kept and key in alive:
+                live_total -= alive.pop(key)
     saved = sum(sizes[k] for k in kept)
 
     # backward: in reverse order; a saved tensor is freed after the first (in
@@ -374,11 +384,22 @@ class StepPlan:
     autocast_params: int
     profile: ActivationProfile
 
+    def __post_init__(self) -> None:
+        # numpy copies for the per-configuration arithmetic
+        object.__setattr__(self, "backward_act", np.asarray(self.profile.backward_act, float))
+        object.__setattr__(self, "backward_grads", np.asarray(self.profile.backward_grads, float))
+        object.__setattr__(self, "max_backward_act", max(self.profile.backward_act, default=0))
 
-def plan_step(cg: ComputeGraph, config: MConfig) -> StepPlan:
+
+def plan_step(
+    cg: ComputeGraph,
+    config: MConfig,
+    blocks: list[int | None] | None = None,
+    last_uses: dict[tuple[int, int], int] | None = None,
+) -> StepPlan:
     """Simulate the step for ``config``'s freezing, method and checkpointing (the slow part)."""
-    own_trainable, segments = cg_plan(config, cg)
-    blocks = node_blocks(cg)
+    blocks = node_blocks(cg) if blocks is None else blocks
+    own_trainable, segments = cg_plan(config, cg, blocks)
     segment_of = [
         next((k for k, (s, t) in enumerate(segments) if b is not None and s <= b < t), None)
         for b in blocks
@@ -389,7 +410,7 @@ def plan_step(cg: ComputeGraph, config: MConfig) -> StepPlan:
         autocast_params=sum(
             cg.nodes[i].params for i in weighted if cg.nodes[i].op in ("Conv", "Gemm", "MatMul")
         ),
-        profile=simulate_step(cg, own_trainable, segment_of),
+        profile=simulate_step(cg, own_trainable, segment_of, last_uses),
     )
 
 
@@ -398,50 +419,65 @@ def structural_key(config: MConfig) -> tuple[float, int, str]:
     return (round(config.freeze, 6), config.ckpt, config.method)
 
 
+class PlanCache:
+    """Memoises the per-graph work of many estimates of one graph: its blocks, its
+    static sizes, and one :class:`StepPlan` per :func:`structural_key`."""
+
+    def __init__(self, cg: ComputeGraph) -> None:
+        self.cg = cg
+        self.blocks = node_blocks(cg)
+        known = [b for b in self.blocks if b is not None]
+        self.n_blocks = max(known) + 1 if known else 0
+        self.plans: dict[tuple[float, int, str], StepPlan] = {}
+        self.total_params = cg.total_params
+        self.total_buffers = cg.total_buffers
+        self.n_bn = sum(1 for node in cg.nodes if node.op == "BatchNormalization")
+        self.input_bytes = sum(tensor_bytes(s.shape, s.dtype) for s in cg.inputs)
+        self.graph_batch = _graph_batch(cg)
+        self.total_flops = cg.total_flops
+        self.last_uses = _last_uses(cg)
+
+    def plan(self, config: MConfig) -> StepPlan:
+        key = structural_key(config)
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = self.plans[key] = plan_step(self.cg, config, self.blocks, self.last_uses)
+        return plan
+
+
 def estimate_memory(
-    cg: ComputeGraph,
-    config: MConfig | str,
-    plans: dict[tuple[float, int, str], StepPlan] | None = None,
+    cg: ComputeGraph, config: MConfig | str, cache: PlanCache | None = None
 ) -> MemoryEstimate:
     """The analytic estimate of one training step's peak memory (see the module docstring).
 
-    ``plans`` memoises :func:`plan_step` by :func:`structural_key` across calls
-    for the same graph, so many configurations of one graph cost little.
+    ``cache`` (a :class:`PlanCache` of ``cg``) memoises the per-graph work, so
+    many configurations of one graph cost little.
     """
     config = MConfig.parse(config)
-    if plans is None:
-        plan = plan_step(cg, config)
-    else:
-        key = structural_key(config)
-        plan = plans.get(key)
-        if plan is None:
-            plan = plans[key] = plan_step(cg, config)
+    cache = cache if cache is not None else PlanCache(cg)
+    plan = cache.plan(config)
     profile = plan.profile
     half = config.prec in _HALF_PRECISIONS
-    scale = config.mb / _graph_batch(cg) / (2 if half else 1)
+    scale = config.mb / cache.graph_batch / (2 if half else 1)
 
     trainable = plan.trainable_params
-    params = 4 * cg.total_params
+    params = 4 * cache.total_params
     if half:  # autocast's cache of half-width weight copies for conv/linear
         params += 2 * plan.autocast_params
-    n_bn = sum(1 for node in cg.nodes if node.op == "BatchNormalization")
-    buffers = 4 * cg.total_buffers + 8 * n_bn  # running stats + num_batches_tracked
+    buffers = 4 * cache.total_buffers + 8 * cache.n_bn  # running stats + num_batches_tracked
     grads = 4 * trainable
     optimizer = 4 * trainable * _OPTIMIZER_SLOTS.get(config.opt, 1)
-    inputs = int(
-        sum(tensor_bytes(s.shape, s.dtype) for s in cg.inputs) * config.mb / _graph_batch(cg)
-    )
+    inputs = int(cache.input_bytes * config.mb / cache.graph_batch)
     inputs += _TARGET_BYTES * config.mb
     accumulating = config.accum_steps > 1
     # Accumulating: last micro-batches' gradients are alive from the first backward on.
     forward = profile.forward_peak * scale + (grads if accumulating else 0)
-    backward = max(
-        (
-            act * scale + (grads if accumulating else g)
-            for act, g in zip(profile.backward_act, profile.backward_grads)
-        ),
-        default=0.0,
-    )
+    if not profile.backward_act:
+        backward = 0.0
+    elif accumulating:
+        backward = plan.max_backward_act * scale + grads
+    else:
+        backward = float((plan.backward_act * scale + plan.backward_grads).max())
     activations = int(profile.saved * scale)
     dynamic = max(forward, backward)
     static = params + buffers + optimizer + inputs

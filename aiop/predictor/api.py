@@ -38,7 +38,7 @@ from aiop.cg.pyg import FEATURE_VERSION, NUM_NODE_FEATURES
 from aiop.cg.vocab import OP_VOCAB
 from aiop.mconfig import MConfig
 from aiop.mconfig.config import VECTOR_NAMES
-from aiop.predictor.analytic import estimate_memory
+from aiop.predictor.analytic import PlanCache, estimate_memory
 from aiop.predictor.features import ANALYTIC_NAMES, GraphFeaturizer, analytic_features
 from aiop.predictor.model import GNNSpec, PerformanceGNN
 from aiop.predictor.normalize import Normalizer
@@ -263,13 +263,13 @@ class Predictor:
             )
         fp = cg.fingerprint
         cg.meta.setdefault("fp", fp)
-        plans: dict = {}
+        cache = PlanCache(cg)
         estimates, analytic, vectors = [], [], []
         for c in configs:
-            c.validate_for(_block_count(cg), cg.name or "the graph")
-            est = estimate_memory(cg, c, plans)
+            c.validate_for(cache.n_blocks, cg.name or "the graph")
+            est = estimate_memory(cg, c, cache)
             estimates.append(est)
-            analytic.append(analytic_features(cg, c, est))
+            analytic.append(analytic_features(cg, c, est, (cache.total_params, cache.total_flops)))
             vectors.append(c.as_vector())
         keys: dict[tuple, int] = {}
         groups: list[int] = []
@@ -397,10 +397,3 @@ class Predictor:
         model.eval()
         pred.model = model
         return pred
-
-
-def _block_count(cg: ComputeGraph) -> int:
-    from aiop.mconfig.config import node_blocks
-
-    known = [b for b in node_blocks(cg) if b is not None]
-    return max(known) + 1 if known else 0

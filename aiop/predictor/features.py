@@ -17,8 +17,10 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
+import torch
+
 from aiop.cg.graph import ComputeGraph
-from aiop.cg.pyg import to_pyg
+from aiop.cg.pyg import FLAG_FEATURES, NUM_NODE_FEATURES, to_pyg
 from aiop.mconfig import MConfig
 from aiop.predictor.analytic import MemoryEstimate, estimate_memory, structural_key
 
@@ -35,10 +37,11 @@ ANALYTIC_NAMES: tuple[str, ...] = (
 )
 
 
-def step_flops(cg: ComputeGraph, config: MConfig, trainable_fraction: float) -> float:
-    """Approximate FLOPs of one training step: forward, plus backward for activations
-    (where anything upstream trains) and for weights (trainable share)."""
-    forward = cg.total_flops * config.batch_size
+def step_flops(forward_flops: float, config: MConfig, trainable_fraction: float) -> float:
+    """Approximate FLOPs of one training step from the forward FLOPs of one sample: forward,
+    plus backward for activations (where anything upstream trains) and weights (trainable
+    share)."""
+    forward = forward_flops * config.batch_size
     return forward * (1.0 + (1.0 if trainable_fraction > 0 else 0.0) + trainable_fraction)
 
 
@@ -46,8 +49,15 @@ def _log(v: float) -> float:
     return math.log(max(float(v), 1.0))
 
 
-def analytic_features(cg: ComputeGraph, config: MConfig, estimate: MemoryEstimate) -> list[float]:
-    frac = estimate.trainable_params / max(cg.total_params, 1)
+def analytic_features(
+    cg: ComputeGraph,
+    config: MConfig,
+    estimate: MemoryEstimate,
+    totals: tuple[int, int] | None = None,
+) -> list[float]:
+    """The :data:`ANALYTIC_NAMES` features; ``totals`` = (params, FLOPs) of ``cg`` if known."""
+    params, flops = totals if totals is not None else (cg.total_params, cg.total_flops)
+    frac = estimate.trainable_params / max(params, 1)
     return [
         _log(estimate.peak_memory_bytes),
         _log(estimate.params),
@@ -56,7 +66,7 @@ def analytic_features(cg: ComputeGraph, config: MConfig, estimate: MemoryEstimat
         _log(estimate.activations),
         _log(estimate.temporary),
         _log(estimate.inputs),
-        _log(step_flops(cg, config, frac)),
+        _log(step_flops(flops, config, frac)),
         frac,
     ]
 
@@ -67,13 +77,20 @@ class GraphFeaturizer:
     def __init__(self, maxsize: int = 4096) -> None:
         self._pyg = lru_cache(maxsize=maxsize)(self._pyg_uncached)
         self._graphs: dict[str, ComputeGraph] = {}
+        self._base: dict[str, object] = {}  # flag-free PyG graph per fingerprint
 
     def _pyg_uncached(self, fingerprint: str, key: tuple):
         cg = self._graphs[fingerprint]
+        base = self._base.get(fingerprint)
+        if base is None:
+            base = self._base[fingerprint] = to_pyg(cg)
+            del base.config  # the batch of configs is fed to the heads separately
         freeze, ckpt, method = key
-        config = MConfig(batch_size=1, freeze=freeze, ckpt=ckpt, method=method)
-        data = to_pyg(cg, config)
-        del data.config  # the batch of configs is fed to the heads separately
+        flags = MConfig(batch_size=1, freeze=freeze, ckpt=ckpt, method=method).node_flags(cg)
+        data = base.clone()
+        start = NUM_NODE_FEATURES - len(FLAG_FEATURES)
+        for k, name in enumerate(FLAG_FEATURES):
+            data.x[:, start + k] = torch.tensor(flags[name], dtype=torch.float32)
         return data
 
     def pyg(self, cg: ComputeGraph, config: MConfig):

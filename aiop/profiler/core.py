@@ -15,6 +15,7 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -146,6 +147,12 @@ def resolve_model(
     A spec is built at ``resolution`` when one is given (some architectures,
     e.g. ViT position embeddings, depend on it).
     """
+    if isinstance(model, str) and model.lower().endswith((".onnx", ".pb")):
+        # a user's file: profiled through the trainable module built from its CG
+        from aiop.cg.to_torch import module_factory
+
+        factory = module_factory(model)
+        return factory, factory, Path(model).stem
     if isinstance(model, str):
         try:
             from aiop.models import build  # lazily: the zoo sits beside, not below, us

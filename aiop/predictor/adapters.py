@@ -1,0 +1,562 @@
+"""K-adapters (AIO-P): new task families on top of a frozen, fitted predictor.
+
+The base GNN stays frozen. Each task family gets an *adapter*: a GNN of the
+base's depth whose layer ``i`` reads ``concat[adapter_{i−1}, base_i]`` (the
+adapter's previous node states and the base's node states after layer ``i``)
+and a new head per target on ``concat[base embedding, adapter embedding,
+configuration, analytic features]``. The prediction is the mean of the K
+adapters' heads (each averaged only over the adapters trained on that target).
+
+Fine-tuning on a few architectures of a new family, AIO-P's ``-k_adapt``:
+
+* ``0``: the heads only;
+* ``1``: the heads and the base GNN;
+* ``2``: the heads, the base GNN and the adapter GNNs;
+* ``3``: the heads and the adapter GNNs.
+
+:class:`KAdapterPredictor` is a :class:`~aiop.predictor.api.Predictor`, so
+``predict``, ``calibrate`` and :func:`aiop.predictor.train.evaluate` work on it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from aiop.cg.pyg import NUM_NODE_FEATURES
+from aiop.predictor.api import FitReport, Predictor, PredictorError, Sample, _default_norm
+from aiop.predictor.model import ACTIVATIONS, GNNSpec, GraphEncoder, PerformanceGNN, _make_conv
+from aiop.predictor.normalize import Normalizer
+
+log = logging.getLogger(__name__)
+
+K_ADAPT_MODES: dict[int, tuple[str, ...]] = {
+    0: ("heads",),
+    1: ("heads", "base"),
+    2: ("heads", "base", "adapters"),
+    3: ("heads", "adapters"),
+}
+FORMAT = "aiop-kadapter-predictor"
+FORMAT_VERSION = 1
+
+
+def _pool(spec: GNNSpec, x: torch.Tensor, batch: torch.Tensor, attention: nn.Module | None):
+    from torch_geometric.nn import global_add_pool, global_mean_pool
+
+    if spec.pool == "mean":
+        return global_mean_pool(x, batch)
+    if spec.pool == "sum":
+        return global_add_pool(x, batch)
+    if spec.pool == "attention":
+        assert attention is not None
+        return attention(x, batch)
+    return torch.cat([global_add_pool(x, batch) / 100.0, global_mean_pool(x, batch)], 1)
+
+
+def _batch_of(data: Any, n: int) -> torch.Tensor:
+    batch = getattr(data, "batch", None)
+    return batch if batch is not None else torch.zeros(n, dtype=torch.long)
+
+
+def base_states(encoder: GraphEncoder, data: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The base's node states after each layer, and its graph embedding.
+
+    Mirrors :meth:`GraphEncoder.forward` step by step (a test checks that the
+    embedding equals ``encoder(data)``).
+    """
+    spec = encoder.spec
+    x = encoder.embed(data.x)
+    residual = spec.conv != "graphconv"
+    states = []
+    for conv, norm in zip(encoder.convs, encoder.norms):
+        if spec.conv == "graphconv":
+            h = conv(x, data.edge_index)
+        else:
+            h = conv(x, data.edge_index, data.edge_attr)
+        h = encoder.dropout(encoder.act(norm(h)))
+        x = x + h if residual else h
+        states.append(x)
+    pooled = _pool(spec, x, _batch_of(data, x.shape[0]), encoder.attention)
+    return states, torch.cat([pooled, data.graph_attr], dim=1)
+
+
+class Adapter(nn.Module):
+    """One task family's adapter GNN and its heads."""
+
+    def __init__(self, spec: GNNSpec, base_out_dim: int, targets: Sequence[str]) -> None:
+        super().__init__()
+        from torch_geometric.nn import AttentionalAggregation
+
+        self.spec = spec
+        h = spec.hidden
+        act = ACTIVATIONS[spec.activation]
+        self.embed = nn.Sequential(nn.Linear(NUM_NODE_FEATURES, h), act())
+        # concat[adapter_{i-1}, base_i] (2h wide) is projected to h before the conv
+        self.mix = nn.ModuleList(nn.Linear(2 * h, h) for _ in range(spec.layers))
+        self.convs = nn.ModuleList(_make_conv(spec.conv, h) for _ in range(spec.layers))
+        self.norms = nn.ModuleList(nn.LayerNorm(h) for _ in range(spec.layers))
+        self.act = act()
+        self.attention = (
+            AttentionalAggregation(nn.Linear(h, 1)) if spec.pool == "attention" else None
+        )
+        self.out_dim = h * (2 if spec.pool == "sum+mean" else 1)
+        in_dim = base_out_dim + self.out_dim + spec.config_dim + spec.analytic_dim
+        self.heads = nn.ModuleDict(
+            {
+                t: nn.Sequential(
+                    nn.Linear(in_dim, spec.head_hidden),
+                    nn.ReLU(),
+                    nn.Linear(spec.head_hidden, spec.head_hidden),
+                    nn.ReLU(),
+                    nn.Linear(spec.head_hidden, 1),
+                )
+                for t in targets
+            }
+        )
+
+    def gnn_parameters(self) -> Iterable[nn.Parameter]:
+        """Everything but the heads."""
+        for name, p in self.named_parameters():
+            if not name.startswith("heads."):
+                yield p
+
+    def encode(self, data: Any, states: Sequence[torch.Tensor]) -> torch.Tensor:
+        x = self.embed(data.x)
+        residual = self.spec.conv != "graphconv"
+        for base_i, mix, conv, norm in zip(states, self.mix, self.convs, self.norms):
+            z = mix(torch.cat([x, base_i], dim=1))
+            if self.spec.conv == "graphconv":
+                h = conv(z, data.edge_index)
+            else:
+                h = conv(z, data.edge_index, data.edge_attr)
+            h = self.act(norm(h))
+            x = x + h if residual else h
+        return _pool(self.spec, x, _batch_of(data, x.shape[0]), self.attention)
+
+
+class KAdapterNet(nn.Module):
+    """A base :class:`PerformanceGNN` plus K adapters.
+
+    ``encode`` returns ``concat[base embedding, adapter_1 ... adapter_K
+    embeddings]`` and ``heads_forward`` splits it again, so
+    :meth:`Predictor.predict` drives this module like a plain GNN.
+    """
+
+    def __init__(
+        self,
+        base: PerformanceGNN,
+        families: Sequence[str],
+        targets: Sequence[str],
+        trained: dict[str, list[str]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.spec = base.spec
+        self.families = list(families)
+        self.targets = list(targets)
+        # per family: the targets its adapter was trained on (averaging uses only those)
+        self.trained = {f: list((trained or {}).get(f, [])) for f in self.families}
+        self.adapters = nn.ModuleList(
+            Adapter(base.spec, base.encoder.out_dim, targets) for _ in self.families
+        )
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """``heads`` (the adapters' heads), ``base`` (base GNN), ``adapters`` (their GNNs)."""
+        return {
+            "heads": [p for a in self.adapters for p in a.heads.parameters()],
+            "base": list(self.base.parameters()),
+            "adapters": [p for a in self.adapters for p in a.gnn_parameters()],
+        }
+
+    def encode(self, data: Any) -> torch.Tensor:
+        states, emb = base_states(self.base.encoder, data)
+        return torch.cat([emb, *(a.encode(data, states) for a in self.adapters)], dim=1)
+
+    def _split(self, embedding: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        d = self.base.encoder.out_dim
+        base, parts, start = embedding[:, :d], [], d
+        for a in self.adapters:
+            parts.append(embedding[:, start : start + a.out_dim])
+            start += a.out_dim
+        return base, parts
+
+    def adapter_forward(
+        self,
+        k: int,
+        base_emb: torch.Tensor,
+        adapter_emb: torch.Tensor,
+        config: torch.Tensor,
+        analytic: torch.Tensor,
+        targets: Sequence[str] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        z = torch.cat([base_emb, adapter_emb, config, analytic], dim=1)
+        heads = self.adapters[k].heads
+        return {t: heads[t](z).squeeze(1) for t in targets or self.targets}
+
+    def heads_forward(
+        self,
+        embedding: torch.Tensor,
+        config: torch.Tensor,
+        analytic: torch.Tensor,
+        targets: list[str] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The K heads' predictions (normalised), averaged per target."""
+        base, parts = self._split(embedding)
+        outs = [self.adapter_forward(k, base, e, config, analytic) for k, e in enumerate(parts)]
+        result = {}
+        for t in targets or self.targets:
+            ks = [k for k, f in enumerate(self.families) if t in self.trained[f]]
+            ks = ks or list(range(len(self.families)))
+            result[t] = torch.stack([outs[k][t] for k in ks]).mean(0)
+        return result
+
+    def forward(
+        self, data: Any, config: torch.Tensor, analytic: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        return self.heads_forward(self.encode(data), config, analytic)
+
+
+def _train(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    loss_fn,
+    n: int,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    grad_clip: float,
+    seed: int,
+    progress: bool,
+    desc: str,
+) -> FitReport:
+    """Adam over ``params`` only; every other parameter of ``model`` is frozen meanwhile."""
+    from tqdm import tqdm
+
+    train_ids = {id(p) for p in params}
+    saved = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in train_ids)
+    report = FitReport(epochs=epochs)
+    t0 = time.perf_counter()
+    try:
+        torch.manual_seed(seed)
+        rng = random.Random(seed)
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
+        order = list(range(n))
+        model.train()
+        for _ in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
+            rng.shuffle(order)
+            total, count = 0.0, 0
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                loss = loss_fn(idx)
+                if loss is None:
+                    continue
+                opt.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                opt.step()
+                total += loss.item() * len(idx)
+                count += len(idx)
+            sched.step()
+            report.train_loss.append(total / max(count, 1))
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(saved[id(p)])
+        model.eval()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+class KAdapterPredictor(Predictor):
+    """A fitted base :class:`Predictor` (frozen) plus one adapter per task family.
+
+    ``fit(samples)`` trains an adapter and its heads on the samples of each
+    family in ``families`` (every family present when None), ``k_epochs``
+    epochs each; :meth:`finetune` adapts to a new family's ``#N`` samples in a
+    ``-k_adapt`` mode. The base predictor passed in is never modified.
+    """
+
+    def __init__(
+        self,
+        base: Predictor | None = None,
+        families: Sequence[str] | None = None,
+        k_epochs: int = 40,
+        batch_size: int = 64,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-5,
+        grad_clip: float = 5.0,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        super().__init__(
+            spec=None,
+            targets=list(base.targets) if base is not None else [],
+            tar_norm=base.tar_norm if base is not None else "stand",
+            epochs=k_epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            grad_clip=grad_clip,
+            seed=seed,
+            progress=progress,
+        )
+        self.base = base
+        self.families = list(families) if families is not None else None
+        self.k_epochs = k_epochs
+        if base is not None:
+            self._featurizer = base._featurizer  # share the graph cache
+
+    # -- data -------------------------------------------------------------------------------
+    def _tensors(self, samples: Sequence[Sample]):
+        graphs, configs, analytic, peaks = self._rows(samples)
+        flops = np.asarray([s.cg.total_flops for s in samples], np.float64)
+        y = np.full((len(samples), len(self.targets)), np.nan)
+        for j, t in enumerate(self.targets):
+            raw = [self._raw_target(t, s, p) for s, p in zip(samples, peaks)]
+            have = np.asarray([v is not None for v in raw])
+            values = np.asarray([v if v is not None else 1.0 for v in raw], np.float64)
+            if t not in self.normalizers:
+                norm = Normalizer(_default_norm(t, self.tar_norm))
+                if have.any():
+                    norm.fit(values[have], flops[have])
+                self.normalizers[t] = norm
+            if have.any():
+                y[have, j] = self.normalizers[t].transform(values[have], flops[have])
+        return (
+            graphs,
+            torch.from_numpy(configs),
+            torch.from_numpy(analytic),
+            torch.tensor(y, dtype=torch.float32),
+        )
+
+    def _loss(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor | None:
+        losses = []
+        for j, t in enumerate(self.targets):
+            mask = ~torch.isnan(target[:, j])
+            if t in out and mask.any():
+                losses.append(torch.mean((out[t][mask] - target[mask, j]) ** 2))
+        return torch.stack(losses).sum() if losses else None
+
+    # -- training ---------------------------------------------------------------------------
+    def fit(self, samples: Sequence[Sample], finetune: bool = False) -> FitReport:
+        """Train one adapter per family on that family's samples (the base stays frozen)."""
+        from torch_geometric.data import Batch
+
+        if finetune:
+            return self.finetune(samples, k_adapt=0, epochs=self.k_epochs)
+        if self.base is None or self.base.model is None:
+            raise PredictorError("K-adapters need a fitted base predictor")
+        if not samples:
+            raise PredictorError("no samples to fit the adapters on")
+        present = sorted({s.family for s in samples})
+        families = self.families if self.families is not None else present
+        missing = [f for f in families if f not in present]
+        if missing:
+            raise PredictorError(f"no samples of adapter family {missing[0]!r}")
+        if not families:
+            raise PredictorError("no family to train an adapter on")
+        self.normalizers = copy.deepcopy(self.base.normalizers)
+        new = [t for t in _targets_of(samples) if t not in self.base.targets]
+        self.targets = list(self.base.targets) + new
+        trained = {
+            f: [t for t in self.targets if any(t in s.labels for s in samples if s.family == f)]
+            for f in families
+        }
+        base_model = copy.deepcopy(self.base.model)
+        spec = copy.deepcopy(base_model.spec)
+        self.spec = spec
+        self.model = KAdapterNet(base_model, families, self.targets, trained)
+        self.families = list(families)
+        graphs, cfg, ana, y = self._tensors(samples)
+        report = FitReport(epochs=self.k_epochs)
+        t0 = time.perf_counter()
+        for k, family in enumerate(families):
+            rows = [i for i, s in enumerate(samples) if s.family == family]
+            adapter = self.model.adapters[k]
+
+            def loss_fn(idx: list[int], rows=rows, k=k) -> torch.Tensor | None:
+                ids = [rows[i] for i in idx]
+                batch = Batch.from_data_list([graphs[i] for i in ids])
+                with torch.no_grad():  # the base is frozen: no graph through it
+                    states, emb = base_states(self.model.base.encoder, batch)
+                a_emb = self.model.adapters[k].encode(batch, states)
+                out = self.model.adapter_forward(k, emb, a_emb, cfg[ids], ana[ids])
+                return self._loss(out, y[ids])
+
+            sub = _train(
+                self.model,
+                list(adapter.parameters()),
+                loss_fn,
+                len(rows),
+                epochs=self.k_epochs,
+                batch_size=self.batch_size,
+                lr=self.lr,
+                weight_decay=self.weight_decay,
+                grad_clip=self.grad_clip,
+                seed=self.seed + k,
+                progress=self.progress,
+                desc=f"adapter {family}",
+            )
+            report.train_loss += sub.train_loss
+        report.seconds = time.perf_counter() - t0
+        self.meta["k_adapter"] = {"families": families, "trained": trained}
+        return report
+
+    def finetune(
+        self,
+        samples: Sequence[Sample],
+        k_adapt: int = 0,
+        epochs: int = 10,
+        *,
+        lr: float | None = None,
+        batch_size: int = 8,
+    ) -> FitReport:
+        """Fine-tune in place on ``samples`` in a ``-k_adapt`` mode (see the module docstring)."""
+        from torch_geometric.data import Batch
+
+        if k_adapt not in K_ADAPT_MODES:
+            raise PredictorError(f"-k_adapt must be one of {sorted(K_ADAPT_MODES)}, not {k_adapt}")
+        model = self._check_fitted()
+        assert isinstance(model, KAdapterNet)
+        labelled = [s for s in samples if any(t in s.labels for t in self.targets)]
+        if not labelled or epochs <= 0:
+            return FitReport(epochs=0)
+        groups = model.parameter_groups()
+        params = [p for g in K_ADAPT_MODES[k_adapt] for p in groups[g]]
+        graphs, cfg, ana, y = self._tensors(labelled)
+        base_frozen = "base" not in K_ADAPT_MODES[k_adapt]
+
+        def loss_fn(idx: list[int]) -> torch.Tensor | None:
+            batch = Batch.from_data_list([graphs[i] for i in idx])
+            with torch.set_grad_enabled(not base_frozen):
+                states, emb = base_states(model.base.encoder, batch)
+            parts = [a.encode(batch, states) for a in model.adapters]
+            out = model.heads_forward(torch.cat([emb, *parts], 1), cfg[idx], ana[idx])
+            return self._loss(out, y[idx])
+
+        report = _train(
+            model,
+            params,
+            loss_fn,
+            len(labelled),
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr if lr is not None else self.lr / 10,
+            weight_decay=self.weight_decay,
+            grad_clip=self.grad_clip,
+            seed=self.seed,
+            progress=self.progress,
+            desc=f"fine-tune (k_adapt {k_adapt})",
+        )
+        self.meta.setdefault("finetune", []).append(
+            {"k_adapt": k_adapt, "epochs": epochs, "samples": len(labelled)}
+        )
+        return report
+
+    def clone(self) -> KAdapterPredictor:
+        """An independent copy (the featuriser cache is shared)."""
+        new = copy.copy(self)
+        new.model = copy.deepcopy(self.model)
+        new.normalizers = copy.deepcopy(self.normalizers)
+        new.targets = list(self.targets)
+        new.meta = copy.deepcopy(self.meta)
+        return new
+
+    # -- persistence ------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """One safetensors file (format ``aiop-kadapter-predictor``); read with :meth:`load`."""
+        from safetensors.torch import save_file
+
+        from aiop.cg.pyg import FEATURE_VERSION
+
+        model = self._check_fitted()
+        assert isinstance(model, KAdapterNet)
+        path = Path(path)
+        meta = {
+            "format": FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "feature_version": str(FEATURE_VERSION),
+            "config": json.dumps(
+                {
+                    "spec": model.spec.to_dict(),
+                    "targets": self.targets,
+                    "tar_norm": self.tar_norm,
+                    "families": model.families,
+                    "trained": model.trained,
+                    "normalizers": {t: n.to_dict() for t, n in self.normalizers.items()},
+                    "error_quantiles": self.error_quantiles,
+                    "meta": self.meta,
+                }
+            ),
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta
+        )
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> KAdapterPredictor:
+        from safetensors import SafetensorError, safe_open
+
+        from aiop.cg.pyg import FEATURE_VERSION
+
+        path = Path(path)
+        if not path.is_file():
+            raise PredictorError(f"no such predictor file: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open API)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise PredictorError(
+                f"{path}: not a predictor file ({str(exc).splitlines()[0]})"
+            ) from None
+        if meta.get("format") != FORMAT or meta.get("format_version") != str(FORMAT_VERSION):
+            raise PredictorError(f"{path}: not a K-adapter predictor file")
+        if meta.get("feature_version") != str(FEATURE_VERSION):
+            raise PredictorError(f"{path}: trained on another CG feature version: retrain it")
+        try:
+            config = json.loads(meta["config"])
+            spec = GNNSpec.from_dict(config["spec"])
+            net = KAdapterNet(
+                PerformanceGNN(spec), config["families"], config["targets"], config["trained"]
+            )
+            net.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise PredictorError(
+                f"{path}: corrupt K-adapter metadata ({str(exc).splitlines()[0]})"
+            ) from None
+        pred = cls(families=config["families"])
+        pred.spec, pred.targets, pred.tar_norm = spec, list(config["targets"]), config["tar_norm"]
+        pred.normalizers = {t: Normalizer.from_dict(d) for t, d in config["normalizers"].items()}
+        pred.error_quantiles = config.get("error_quantiles", {})
+        pred.meta = config.get("meta", {})
+        net.eval()
+        pred.model = net
+        return pred
+
+
+def _targets_of(samples: Sequence[Sample]) -> list[str]:
+    found: dict[str, None] = {}
+    for s in samples:
+        for t, v in s.labels.items():
+            if v is not None and math.isfinite(v):
+                found[t] = None
+    return list(found)

@@ -1,0 +1,419 @@
+"""Training data from a store, family splits, fine-tuning and evaluation of predictors.
+
+* :func:`load_samples` turns a store's labels into :class:`Sample` objects;
+* :func:`split_by_family` and :func:`leave_one_family_out` hold families out
+  the AIO-P way (``-family_test A#20+B#20``), with held-out sets that do not
+  depend on the training seed (AIO-P's changed per seed);
+* :func:`finetune` fine-tunes a copy of a fitted predictor;
+* :func:`collect_predictions` / :func:`evaluate` score any object with
+  ``predict(cg, configs)`` (a :class:`Predictor`, a K-adapter predictor or
+  :class:`AnalyticPredictor`, the analytic-memory ablation).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from aiop.cg.graph import ComputeGraph
+from aiop.mconfig import MConfig
+from aiop.predictor.analytic import estimate_memory
+from aiop.predictor.api import Predictor, Sample
+from aiop.predictor.metrics import regression_metrics
+from aiop.predictor.model import GNNSpec
+
+log = logging.getLogger(__name__)
+
+# Store label kinds that are not task metrics.
+_NON_METRIC_KINDS = frozenset({"peak_memory_bytes", "latency_s", "flops", "params"})
+# Where each target's prediction sits in a ``Predictor.predict`` result.
+_PRED_KEYS = {"memory": "peak_memory_bytes", "latency": "latency_s", "flops": "flops_predicted"}
+# Targets that belong to the architecture, not to an m-configuration: scored once per graph.
+_PER_GRAPH = ("flops",)
+
+GNN_SETTINGS: dict[str, Any] = {
+    "default": GNNSpec,
+    "aiop": GNNSpec.aiop_baseline,
+}
+
+
+class SplitError(ValueError):
+    """A family split cannot be made (unknown family, malformed spec, too few architectures)."""
+
+
+# -- loading ------------------------------------------------------------------------------------
+def _expand_targets(targets: Sequence[str], tasks: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for t in targets:
+        if t == "acc":
+            out += [f"acc:{task}" for task in tasks]
+        elif t in ("memory", "latency", "flops") or t.startswith("acc:"):
+            out.append(t)
+        else:
+            raise ValueError(f"unknown target {t!r}; choose memory, latency, flops, acc[:TASK]")
+    return list(dict.fromkeys(out))
+
+
+def load_samples(
+    store_path: str | Path,
+    targets: Sequence[str] = ("memory", "latency", "flops"),
+    device: str = "meta",
+    mode: str = "meta",
+    *,
+    latency_device: str = "cpu",
+    latency_mode: str = "real",
+    families: Sequence[str] | None = None,
+) -> list[Sample]:
+    """Samples of every (graph, configuration) with a label for one of ``targets``.
+
+    ``memory`` comes from ``peak_memory_bytes`` records of ``device``/``mode``;
+    ``latency`` from ``latency_s`` of ``latency_device``/``latency_mode`` (real
+    CPU runs); ``flops`` and ``acc:<task>`` are per-architecture labels (config
+    ``''``) joined onto every configuration of their graph; ``acc`` stands for
+    every task in the store. A graph with only per-architecture labels gets
+    one sample at the default configuration. Missing targets are simply absent
+    from ``Sample.labels``. Order: by graph fingerprint, then config spec.
+    """
+    from aiop.cache import Store
+
+    with Store(store_path, readonly=True) as store:
+        task_meta = store.tasks()
+        metric_rows: dict[tuple[str, str], dict[str, float]] = {}  # (graph, task) -> kind -> v
+        graph_labels: dict[str, dict[str, float]] = {}
+        config_labels: dict[tuple[str, str], dict[str, float]] = {}
+        for lab in store.labels(config=""):
+            if lab.kind == "flops":
+                # the profiler's own count (task '') wins over an imported per-task one
+                if lab.task == "" or "flops" not in graph_labels.get(lab.graph, {}):
+                    graph_labels.setdefault(lab.graph, {})["flops"] = lab.value
+            elif lab.kind not in _NON_METRIC_KINDS and lab.task:
+                metric_rows.setdefault((lab.graph, lab.task), {})[lab.kind] = lab.value
+        tasks = sorted({task for _, task in metric_rows})
+        wanted = _expand_targets(targets, tasks)
+        for (g, task), kinds in metric_rows.items():
+            if f"acc:{task}" not in wanted:
+                continue
+            metric = task_meta.get(task, {}).get("metric") or "acc"
+            kind = metric if metric in kinds else ("acc" if "acc" in kinds else sorted(kinds)[0])
+            graph_labels.setdefault(g, {})[f"acc:{task}"] = kinds[kind]
+        if "memory" in wanted:
+            for rec in store.records(device=device, mode=mode, kinds=["peak_memory_bytes"]):
+                if rec.task == "" and rec.config:
+                    key = (rec.graph, rec.config)
+                    config_labels.setdefault(key, {})["memory"] = rec.values["peak_memory_bytes"]
+        if "latency" in wanted:
+            for rec in store.records(device=latency_device, mode=latency_mode, kinds=["latency_s"]):
+                if rec.task == "" and rec.config:
+                    key = (rec.graph, rec.config)
+                    config_labels.setdefault(key, {})["latency"] = rec.values["latency_s"]
+        infos = {i.fingerprint: i for i in store.graphs()}
+        per_graph_configs: dict[str, list[str]] = {}
+        for g, spec in sorted(config_labels):
+            per_graph_configs.setdefault(g, []).append(spec)
+        samples: list[Sample] = []
+        for fp in sorted(infos):
+            info = infos[fp]
+            family = str(info.meta.get("family", ""))
+            if families is not None and family not in families:
+                continue
+            shared = {t: v for t, v in graph_labels.get(fp, {}).items() if t in wanted}
+            specs = per_graph_configs.get(fp, [])
+            if not specs and not shared:
+                continue
+            cg = store.get_graph(fp)
+            cg.meta.setdefault("fp", fp)
+            if not specs:
+                samples.append(Sample(cg, MConfig(), dict(shared), family))
+                continue
+            for spec in specs:
+                labels = {**shared, **config_labels[(fp, spec)]}
+                samples.append(Sample(cg, MConfig.parse(spec), labels, family))
+    log.info("loaded %d samples of %d graphs from %s", len(samples), len(infos), store_path)
+    return samples
+
+
+def targets_present(samples: Sequence[Sample]) -> list[str]:
+    """Targets that at least one sample has, in a stable order."""
+    order = {"memory": 0, "latency": 1, "flops": 2}
+    found = {t for s in samples for t in s.labels}
+    return sorted(found, key=lambda t: (order.get(t, 3), t))
+
+
+def families_of(samples: Sequence[Sample]) -> dict[str, int]:
+    """Family → number of architectures (distinct graphs)."""
+    graphs: dict[str, set[str]] = {}
+    for s in samples:
+        graphs.setdefault(s.family, set()).add(_fp(s.cg))
+    return {f: len(g) for f, g in sorted(graphs.items())}
+
+
+def _fp(cg: ComputeGraph) -> str:
+    fp = cg.meta.get("fp")
+    if not fp:
+        fp = cg.fingerprint
+        cg.meta["fp"] = fp
+    return str(fp)
+
+
+# -- splits ---------------------------------------------------------------------------------------
+_TEST_ITEM = re.compile(r"^([A-Za-z0-9_.:\-]+?)(?:#(\d+))?$")
+
+
+def parse_family_test(spec: str) -> list[tuple[str, int]]:
+    """``"A#20+B"`` → ``[("A", 20), ("B", 0)]``; :class:`SplitError` when malformed."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise SplitError("-family_test is empty; expected FAMILY[#N][+FAMILY[#N]...]")
+    out: list[tuple[str, int]] = []
+    for item in spec.strip().split("+"):
+        m = _TEST_ITEM.match(item.strip())
+        if not m:
+            raise SplitError(
+                f"malformed -family_test item {item!r}; expected FAMILY or FAMILY#N "
+                "(e.g. ofa_pn#20)"
+            )
+        name, n = m.group(1), int(m.group(2) or 0)
+        if any(name == f for f, _ in out):
+            raise SplitError(f"family {name!r} is named twice in -family_test")
+        out.append((name, n))
+    return out
+
+
+@dataclass
+class FamilySplit:
+    """Training samples, and per held-out family its fine-tune (``#N``) and test samples."""
+
+    train: list[Sample]
+    finetune: dict[str, list[Sample]] = field(default_factory=dict)
+    test: dict[str, list[Sample]] = field(default_factory=dict)
+    finetune_graphs: dict[str, list[str]] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        """Counts of samples and architectures, for logs and result files."""
+
+        def archs(ss: Sequence[Sample]) -> int:
+            return len({_fp(s.cg) for s in ss})
+
+        return {
+            "train": {"samples": len(self.train), "architectures": archs(self.train)},
+            **{
+                f: {
+                    "finetune_samples": len(self.finetune.get(f, [])),
+                    "finetune_architectures": archs(self.finetune.get(f, [])),
+                    "test_samples": len(ts),
+                    "test_architectures": archs(ts),
+                }
+                for f, ts in self.test.items()
+            },
+        }
+
+
+def split_by_family(
+    samples: Sequence[Sample],
+    test: str,
+    seed: int = 0,
+    *,
+    train_families: Sequence[str] | None = None,
+) -> FamilySplit:
+    """Hold out the families of ``test`` (``"A#20+B#20"``).
+
+    Of family A, ``N`` architectures (all their configurations) form the
+    fine-tune set and the rest the test set. Which architectures is decided
+    by ``seed`` and A's name only — pass the same ``seed`` for every training
+    seed, so every seed sees the same held-out sets. Training uses
+    ``train_families`` (default: every family not held out).
+    """
+    known = families_of(samples)
+    held = parse_family_test(test)
+    for name, n in held:
+        if name not in known:
+            raise SplitError(
+                f"unknown family {name!r} in -family_test; "
+                f"the data has {', '.join(known) or 'none'}"
+            )
+        if n >= known[name]:
+            raise SplitError(
+                f"{name}#{n} holds out all {known[name]} architectures of {name}: nothing to test"
+            )
+    held_names = {name for name, _ in held}
+    if train_families is None:
+        train_set = set(known) - held_names
+    else:
+        train_set = set(train_families)
+        for f in train_set:
+            if f not in known:
+                raise SplitError(
+                    f"unknown family {f!r} in -family_train; the data has {', '.join(known)}"
+                )
+        if train_set & held_names:
+            raise SplitError(
+                f"family {sorted(train_set & held_names)[0]!r} is both trained on and held out"
+            )
+    if not train_set:
+        raise SplitError("no family is left to train on")
+    split = FamilySplit(train=[s for s in samples if s.family in train_set])
+    for name, n in held:
+        fams = sorted({_fp(s.cg) for s in samples if s.family == name})
+        rng = random.Random(f"aiop-split:{seed}:{name}")  # str seeds are stable across runs
+        chosen = set(rng.sample(fams, n)) if n else set()
+        split.finetune[name] = [s for s in samples if s.family == name and _fp(s.cg) in chosen]
+        split.test[name] = [s for s in samples if s.family == name and _fp(s.cg) not in chosen]
+        split.finetune_graphs[name] = sorted(chosen)
+    return split
+
+
+def leave_one_family_out(
+    samples: Sequence[Sample],
+    families: Sequence[str] | None = None,
+    n_finetune: int = 0,
+    seed: int = 0,
+) -> Iterator[tuple[str, FamilySplit]]:
+    """For each family (default: all): train on the others, hold it out (``#n_finetune``)."""
+    known = families_of(samples)
+    for family in families or list(known):
+        n = n_finetune if n_finetune < known.get(family, 0) else 0
+        yield family, split_by_family(samples, f"{family}#{n}" if n else family, seed)
+
+
+# -- training helpers --------------------------------------------------------------------------
+def make_spec(setting: str) -> GNNSpec:
+    """A fresh :class:`GNNSpec` for a named setting: ``default`` or ``aiop`` (AIO-P's baseline)."""
+    if setting in GNN_SETTINGS:
+        return GNN_SETTINGS[setting]()
+    if setting in ("graphconv", "gine", "gatv2"):
+        return GNNSpec(conv=setting)
+    raise ValueError(
+        f"unknown GNN setting {setting!r}; choose default, aiop, graphconv, gine, gatv2"
+    )
+
+
+def clone_predictor(pred: Predictor) -> Predictor:
+    """An independent copy of a fitted predictor that shares its (read-only) featuriser cache."""
+    new = copy.copy(pred)
+    new.model = copy.deepcopy(pred.model)
+    new.spec = copy.deepcopy(pred.spec)
+    new.normalizers = copy.deepcopy(pred.normalizers)
+    new.targets = list(pred.targets)
+    new.error_quantiles = copy.deepcopy(pred.error_quantiles)
+    new.meta = copy.deepcopy(pred.meta)
+    return new
+
+
+def finetune(
+    pred: Predictor,
+    samples: Sequence[Sample],
+    epochs: int,
+    *,
+    lr: float | None = None,
+    batch_size: int = 8,
+) -> Predictor:
+    """A copy of ``pred`` fine-tuned on ``samples`` (all parameters; normalisers kept).
+
+    AIO-P fine-tunes with batch 1; a small batch keeps the many configurations
+    of each held-out architecture affordable.
+    """
+    new = clone_predictor(pred)
+    new.epochs = epochs
+    new.batch_size = batch_size
+    new.lr = lr if lr is not None else pred.lr / 10
+    labelled = [s for s in samples if any(t in s.labels for t in new.targets)]
+    if epochs > 0 and labelled:
+        new.fit(labelled, finetune=True)
+    return new
+
+
+class _PredictsLike(Protocol):
+    def predict(self, cg: ComputeGraph, configs: Sequence[MConfig]) -> list[dict[str, Any]]: ...
+
+
+class AnalyticPredictor:
+    """The analytic memory model alone, with ``Predictor.predict``'s result keys (ablation)."""
+
+    targets: tuple[str, ...] = ("memory",)
+
+    def predict(self, cg: ComputeGraph, configs: Sequence[MConfig | str]) -> list[dict[str, Any]]:
+        out = []
+        plans: dict = {}
+        for c in configs:
+            est = estimate_memory(cg, MConfig.parse(c), plans)
+            out.append(
+                {
+                    "peak_memory_bytes": int(est.peak_memory_bytes),
+                    "breakdown": dict(est.breakdown),
+                    "flops": int(cg.total_flops),
+                }
+            )
+        return out
+
+
+# -- evaluation -------------------------------------------------------------------------------
+@dataclass
+class Pairs:
+    """Measured and predicted values of one target, and the graph of each pair."""
+
+    y_true: list[float] = field(default_factory=list)
+    y_pred: list[float] = field(default_factory=list)
+    graphs: list[str] = field(default_factory=list)
+
+
+def _prediction(result: Mapping[str, Any], target: str) -> float | None:
+    if target.startswith("acc:"):
+        value = result.get("accuracy", {}).get(target[4:])
+    else:
+        value = result.get(_PRED_KEYS.get(target, target))
+    return None if value is None else float(value)
+
+
+def collect_predictions(
+    predictor: _PredictsLike,
+    samples: Sequence[Sample],
+    targets: Sequence[str] | None = None,
+) -> dict[str, Pairs]:
+    """(measured, predicted) pairs per target; ``predict`` runs once per graph.
+
+    Per-architecture targets (``flops``, and ``acc:*`` when constant over a
+    graph's configurations) are scored once per graph, predictions averaged,
+    so graphs with many configurations do not count more.
+    """
+    targets = list(targets) if targets is not None else targets_present(samples)
+    by_graph: dict[str, list[Sample]] = {}
+    for s in samples:
+        by_graph.setdefault(_fp(s.cg), []).append(s)
+    out = {t: Pairs() for t in targets}
+    for fp, group in by_graph.items():
+        preds = predictor.predict(group[0].cg, [s.config for s in group])
+        for t in targets:
+            rows = [
+                (s.labels[t], _prediction(p, t))
+                for s, p in zip(group, preds)
+                if t in s.labels and math.isfinite(s.labels[t])
+            ]
+            rows = [(y, p) for y, p in rows if p is not None]
+            if not rows:
+                continue
+            per_graph = t in _PER_GRAPH or (t.startswith("acc:") and len({y for y, _ in rows}) == 1)
+            if per_graph:
+                rows = [(rows[0][0], float(np.mean([p for _, p in rows])))]
+            for y, p in rows:
+                out[t].y_true.append(float(y))
+                out[t].y_pred.append(float(p))
+                out[t].graphs.append(fp)
+    return {t: pairs for t, pairs in out.items() if pairs.y_true}
+
+
+def evaluate(
+    predictor: _PredictsLike,
+    samples: Sequence[Sample],
+    targets: Sequence[str] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Per target: the metrics of :func:`aiop.predictor.metrics.regression_metrics`."""
+    pairs = collect_predictions(predictor, samples, targets)
+    return {t: regression_metrics(p.y_true, p.y_pred) for t, p in pairs.items()}

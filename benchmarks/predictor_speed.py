@@ -1,0 +1,92 @@
+"""Predictions per second for one MobileNetV2-sized graph over many configurations,
+against the meta-mode profiler on the same machine, in one run.
+
+    .venv/bin/python benchmarks/predictor_speed.py [--predictor FILE] [--configs 4096]
+
+Writes ``benchmarks/results/predictor_speed.json`` and ``.md``. Without a
+predictor file it fits a tiny one on analytic labels (speed does not depend on
+the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from aiop.cg import graph_for_model
+from aiop.mconfig import MSpace
+from aiop.predictor.analytic import estimate_memory
+from aiop.predictor.api import Predictor, Sample
+from aiop.predictor.model import GNNSpec
+from aiop.profiler import profile
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _predictor(path: str | None, cg) -> Predictor:
+    if path:
+        return Predictor.load(path)
+    configs = MSpace(batch_sizes=(32,), segments=(0, 1)).sample(16, seed=0)
+    samples = [
+        Sample(cg, c, {"memory": float(estimate_memory(cg, c).peak_memory_bytes)}) for c in configs
+    ]
+    p = Predictor(spec=GNNSpec(), epochs=1, progress=False)
+    p.fit(samples)
+    return p
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="zoo:mobilenet_v2")
+    parser.add_argument("--predictor", default=None)
+    parser.add_argument("--configs", type=int, default=4096)
+    parser.add_argument("--profiles", type=int, default=5, help="meta-mode profiles to time")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    cg = graph_for_model(args.model)
+    predictor = _predictor(args.predictor, cg)
+    n_blocks = 17
+    space = MSpace.for_model(n_blocks, batch_size=256, optimizers=("sgd", "adam", "adamw"))
+    configs = space.sample(min(args.configs, len(space)), seed=1)
+    predictor.predict(cg, configs[:8])  # warm-up
+    runs = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        predictor.predict(cg, configs)
+        runs.append(time.perf_counter() - t0)
+    predict_s = statistics.median(runs)
+    profile_times = []
+    for c in configs[: args.profiles]:
+        t0 = time.perf_counter()
+        profile(args.model, c, mode="meta", flops=False)
+        profile_times.append(time.perf_counter() - t0)
+    per_profile = statistics.median(profile_times)
+    per_prediction = predict_s / len(configs)
+    result = {
+        "model": args.model,
+        "nodes": cg.num_nodes,
+        "configs": len(configs),
+        "predict_s": predict_s,
+        "predictions_per_s": len(configs) / predict_s,
+        "meta_profile_s_median": per_profile,
+        "speedup": per_profile / per_prediction,
+        "threads": torch.get_num_threads(),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "predictor_speed.json").write_text(json.dumps(result, indent=2))
+    md = (
+        f"| graph | configs | predictions/s | meta profile | speed-up |\n|---|---|---|---|---|\n"
+        f"| {args.model} ({cg.num_nodes} nodes) | {len(configs)} | "
+        f"{result['predictions_per_s']:,.0f} | {per_profile:.2f} s | {result['speedup']:,.0f}× |\n"
+    )
+    (RESULTS / "predictor_speed.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
