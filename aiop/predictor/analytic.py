@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -140,7 +141,7 @@ def _graph_batch(cg: ComputeGraph) -> int:
 
 
 def saved_tensors(
-    cg: ComputeGraph, own_trainable: list[bool]
+    cg: ComputeGraph, own_trainable: list[bool], grad_sources: frozenset[int] = frozenset()
 ) -> tuple[list[bool], dict[tuple[int, int], int], list[set[tuple[int, int]]]]:
     """Which tensors autograd keeps, at the CG's batch size.
 
@@ -155,7 +156,9 @@ def saved_tensors(
     requires_grad = [False] * n
     storage: list[list[tuple[int, int]]] = [[] for _ in range(n)]  # per output port
     for i, node in enumerate(cg.nodes):
-        requires_grad[i] = own_trainable[i] or any(requires_grad[s] for s, _, _ in preds[i])
+        requires_grad[i] = (
+            own_trainable[i] or i in grad_sources or any(requires_grad[s] for s, _, _ in preds[i])
+        )
         ports = max(1, len(node.output_shapes))
         if node.op in _ALIAS_OPS and preds[i]:
             s, sp, _ = preds[i][0]
@@ -265,9 +268,14 @@ def simulate_step(
     own_trainable: list[bool],
     segments_of_node: list[int | None],
     last_uses: dict[tuple[int, int], int] | None = None,
+    grad_sources: frozenset[int] = frozenset(),
 ) -> ActivationProfile:
-    """Walk the forward and the backward pass once, tracking which tensors are alive."""
-    requires_grad, sizes, saves = saved_tensors(cg, own_trainable)
+    """Walk the forward and the backward pass once, tracking which tensors are alive.
+
+    ``grad_sources`` are nodes whose output needs a gradient although no
+    parameter of theirs trains (a trainable side branch is added to them).
+    """
+    requires_grad, sizes, saves = saved_tensors(cg, own_trainable, grad_sources)
     n = cg.num_nodes
     consumers_last = _last_uses(cg) if last_uses is None else last_uses
     outputs_of_graph = {(i, 0) for i, node in enumerate(cg.nodes) if node.outputs and
@@ -383,6 +391,7 @@ class StepPlan:
     trainable_params: int
     autocast_params: int
     profile: ActivationProfile
+    extra_params: int = 0  # parameters the CG lacks (TinyTL lite residual branches)
 
     def __post_init__(self) -> None:
         # numpy copies for the per-configuration arithmetic
@@ -400,18 +409,147 @@ def plan_step(
     """Simulate the step for ``config``'s freezing, method and checkpointing (the slow part)."""
     blocks = node_blocks(cg) if blocks is None else blocks
     own_trainable, segments = cg_plan(config, cg, blocks)
+    lite = lite_branches(cg, blocks) if config.method in ("lite", "lite+bias") else []
+    if lite:
+        lite, first_block = _active_lite(cg, config, blocks, lite)
+        segments = _lite_segments(config, blocks, first_block, own_trainable, segments)
     segment_of = [
         next((k for k, (s, t) in enumerate(segments) if b is not None and s <= b < t), None)
         for b in blocks
     ]
     weighted = [i for i, node in enumerate(cg.nodes) if node.params > 0]
-    return StepPlan(
-        trainable_params=sum(cg.nodes[i].params for i in weighted if own_trainable[i]),
-        autocast_params=sum(
-            cg.nodes[i].params for i in weighted if cg.nodes[i].op in ("Conv", "Gemm", "MatMul")
-        ),
-        profile=simulate_step(cg, own_trainable, segment_of, last_uses),
+    profile = simulate_step(
+        cg, own_trainable, segment_of, last_uses, frozenset(b.end for b in lite)
     )
+    extra_params = sum(b.params for b in lite)
+    if lite:
+        # the branches' own saved activations, alive from their forward to their backward
+        # (inside a checkpointed segment they are recomputed, not kept)
+        act = sum(b.saved_bytes for b in lite if segment_of[b.end] is None)
+        profile = ActivationProfile(
+            forward_peak=profile.forward_peak + act,
+            saved=profile.saved + act,
+            backward_act=tuple(v + act for v in profile.backward_act),
+            backward_grads=profile.backward_grads,
+        )
+    return StepPlan(
+        trainable_params=extra_params
+        + sum(cg.nodes[i].params for i in weighted if own_trainable[i]),
+        autocast_params=extra_params
+        + sum(  # autocast caches half copies of trainable leaf weights only
+            cg.nodes[i].params
+            for i in weighted
+            if own_trainable[i] and cg.nodes[i].op in ("Conv", "Gemm", "MatMul")
+        ),
+        profile=profile,
+        extra_params=extra_params,
+    )
+
+
+_LITE_LAYERS = 4  # conv, BN, conv, BN: parameterised layers the freezing rate counts
+
+
+def _active_lite(
+    cg: ComputeGraph, config: MConfig, blocks: list[int | None], lite: list[LiteBranch]
+) -> tuple[list[LiteBranch], int | None]:
+    """The branches the freezing rate leaves trainable, and the first one's block.
+
+    Freezing walks parameterised layers in execution order, a branch's four
+    layers right after its block's own.
+    """
+    ends = {b.end: b for b in lite}
+    units: list[LiteBranch | None] = []  # None: a layer of the CG itself
+    for i, node in enumerate(cg.nodes):
+        if node.params > 0:
+            units.append(None)
+        if i in ends:
+            units.extend([ends[i]] * _LITE_LAYERS)
+    frozen = config.n_frozen_units(len(units))
+    active = []
+    for k, unit in enumerate(units):
+        if unit is not None and k >= frozen and unit not in active:
+            active.append(unit)
+    first = min((blocks[b.end] for b in active if blocks[b.end] is not None), default=None)
+    return active, first
+
+
+def _lite_segments(
+    config: MConfig,
+    blocks: list[int | None],
+    first_block: int | None,
+    own_trainable: list[bool],
+    segments: list[tuple[int, int]],
+) -> list[tuple[int, int]]:
+    """Checkpoint segments start at the first block that trains: with lite branches, the
+    first active branch's block, when it comes before any trainable node of the CG."""
+    from aiop.models.base import split_segments
+
+    known = [b for b in blocks if b is not None]
+    if not config.ckpt or first_block is None or not known:
+        return segments
+    start = segments[0][0] if segments else None
+    if start is not None and start <= first_block:
+        return segments
+    n_blocks = max(known) + 1
+    k = min(config.ckpt, n_blocks - first_block)
+    return [
+        (first_block + r.start, first_block + r.stop)
+        for r in split_segments(n_blocks - first_block, k)
+    ]
+
+
+@dataclass(frozen=True)
+class LiteBranch:
+    """A TinyTL lite residual branch as ``aiop.models.tinytl`` would insert it on a block."""
+
+    end: int  # the block's last node: the branch's output is added to it
+    params: int
+    saved_bytes: int  # per sample
+
+
+def _make_divisible(v: float, divisor: int = 8) -> int:
+    new = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * v else new
+
+
+def lite_branches(cg: ComputeGraph, blocks: list[int | None]) -> list[LiteBranch]:
+    """The lite branches of a graph's convolutional blocks (those with two or more convolutions:
+    residual, inverted-residual and dense blocks, not transitions), sized like
+    :func:`aiop.models.tinytl.lite_branch_conv` (kernel 5, groups 2, width ``min(Cin, Cout)``
+    halved until at most half the block's parameters)."""
+    members: dict[int, list[int]] = {}
+    for i, b in enumerate(blocks):
+        if b is not None:
+            members.setdefault(b, []).append(i)
+    out = []
+    for nodes in members.values():
+        convs = [i for i in nodes if cg.nodes[i].op == "Conv"]
+        first, last = cg.nodes[nodes[0]], cg.nodes[nodes[-1]]
+        if len(convs) < 2 or not first.input_shapes or not last.output_shapes:
+            continue
+        x_in, y_out = first.input_shapes[0], last.output_shapes[0]
+        if len(x_in) != 4 or len(y_out) != 4:
+            continue
+        cin, hi, wi = x_in[1], x_in[2], x_in[3]
+        cout, ho, wo = y_out[1], y_out[2], y_out[3]
+        block_params = sum(cg.nodes[i].params for i in nodes)
+        mid = _make_divisible(min(cin, cout))
+
+        def branch(m: int, cin: int = cin, cout: int = cout) -> tuple[int, int]:
+            g = max(1, math.gcd(math.gcd(cin, m), 2))
+            return cin * m * 25 // g + m * cout, g
+
+        size, _ = branch(mid)
+        while mid > 8 and size > max(block_params // 2, 1):
+            mid = _make_divisible(mid // 2)
+            size, _ = branch(mid)
+        params = size + 2 * mid + 2 * cout  # + the two BatchNorms
+        quarter = math.ceil(ho / 2) * math.ceil(wo / 2)
+        saved = 4 * (
+            cin * math.ceil(hi / 2) * math.ceil(wi / 2) + 2 * mid * quarter + cout * quarter
+        )
+        out.append(LiteBranch(end=nodes[-1], params=params, saved_bytes=saved))
+    return out
 
 
 def structural_key(config: MConfig) -> tuple[float, int, str]:
@@ -461,7 +599,7 @@ def estimate_memory(
     scale = config.mb / cache.graph_batch / (2 if half else 1)
 
     trainable = plan.trainable_params
-    params = 4 * cache.total_params
+    params = 4 * (cache.total_params + plan.extra_params)
     if half:  # autocast's cache of half-width weight copies for conv/linear
         params += 2 * plan.autocast_params
     buffers = 4 * cache.total_buffers + 8 * cache.n_bn  # running stats + num_batches_tracked
