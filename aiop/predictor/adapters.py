@@ -35,7 +35,16 @@ import torch
 from torch import nn
 
 from aiop.cg.pyg import NUM_NODE_FEATURES
-from aiop.predictor.api import FitReport, Predictor, PredictorError, Sample, _default_norm
+from aiop.predictor.api import (
+    FitReport,
+    Predictor,
+    PredictorError,
+    Sample,
+    _default_norm,
+    file_header,
+    read_weights,
+    write_weights,
+)
 from aiop.predictor.model import ACTIVATIONS, GNNSpec, GraphEncoder, PerformanceGNN, _make_conv
 from aiop.predictor.normalize import Normalizer
 
@@ -48,7 +57,6 @@ K_ADAPT_MODES: dict[int, tuple[str, ...]] = {
     3: ("heads", "adapters"),
 }
 FORMAT = "aiop-kadapter-predictor"
-FORMAT_VERSION = 1
 
 
 def _pool(spec: GNNSpec, x: torch.Tensor, batch: torch.Tensor, attention: nn.Module | None):
@@ -480,17 +488,11 @@ class KAdapterPredictor(Predictor):
     # -- persistence ------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """One safetensors file (format ``aiop-kadapter-predictor``); read with :meth:`load`."""
-        from safetensors.torch import save_file
-
-        from aiop.cg.pyg import FEATURE_VERSION
-
         model = self._check_fitted()
         assert isinstance(model, KAdapterNet)
         path = Path(path)
         meta = {
-            "format": FORMAT,
-            "format_version": str(FORMAT_VERSION),
-            "feature_version": str(FEATURE_VERSION),
+            **file_header(FORMAT),
             "config": json.dumps(
                 {
                     "spec": model.spec.to_dict(),
@@ -504,34 +506,12 @@ class KAdapterPredictor(Predictor):
                 }
             ),
         }
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(
-            {k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta
-        )
-        tmp.replace(path)
-        return path
+        return write_weights(path, model.state_dict(), meta)
 
     @classmethod
     def load(cls, path: str | Path) -> KAdapterPredictor:
-        from safetensors import SafetensorError, safe_open
-
-        from aiop.cg.pyg import FEATURE_VERSION
-
         path = Path(path)
-        if not path.is_file():
-            raise PredictorError(f"no such predictor file: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open API)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise PredictorError(
-                f"{path}: not a predictor file ({str(exc).splitlines()[0]})"
-            ) from None
-        if meta.get("format") != FORMAT or meta.get("format_version") != str(FORMAT_VERSION):
-            raise PredictorError(f"{path}: not a K-adapter predictor file")
-        if meta.get("feature_version") != str(FEATURE_VERSION):
-            raise PredictorError(f"{path}: trained on another CG feature version: retrain it")
+        meta, state = read_weights(path, FORMAT)
         try:
             config = json.loads(meta["config"])
             spec = GNNSpec.from_dict(config["spec"])

@@ -70,6 +70,55 @@ class FitReport:
     seconds: float = 0.0
 
 
+def file_header(fmt: str) -> dict[str, str]:
+    """The metadata every predictor file starts with: its format and the CG feature version."""
+    return {
+        "format": fmt,
+        "format_version": str(FORMAT_VERSION),
+        "feature_version": str(FEATURE_VERSION),
+        "aiop_version": __version__,
+    }
+
+
+def write_weights(path: Path, state: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
+    """Write a state dict and string metadata as safetensors, atomically (no pickle)."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def read_weights(path: Path, fmt: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Read a file written by :func:`write_weights`, checking its format and feature version."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise PredictorError(f"no such predictor file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open API)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise PredictorError(f"{path}: not a predictor file ({str(exc).splitlines()[0]})") from None
+    if meta.get("format") != fmt:
+        raise PredictorError(
+            f"{path}: not an aiop predictor file of format {fmt!r} (found {meta.get('format')!r})"
+        )
+    if meta.get("format_version") != str(FORMAT_VERSION):
+        raise PredictorError(
+            f"{path}: predictor format {meta.get('format_version')} is not supported "
+            f"(this aiop reads {FORMAT_VERSION})"
+        )
+    if meta.get("feature_version") != str(FEATURE_VERSION):
+        raise PredictorError(
+            f"{path}: trained on CG feature version {meta.get('feature_version')}, this aiop "
+            f"featurises graphs with version {FEATURE_VERSION}: retrain the predictor"
+        )
+    return meta, state
+
+
 def _default_norm(target: str, tar_norm: str) -> str:
     if target == "memory":
         return "stand"  # applied to the log-ratio
@@ -316,15 +365,10 @@ class Predictor:
 
     # -- persistence ------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
-
         model = self._check_fitted()
         path = Path(path)
         meta = {
-            "format": FORMAT,
-            "format_version": str(FORMAT_VERSION),
-            "feature_version": str(FEATURE_VERSION),
-            "aiop_version": __version__,
+            **file_header(FORMAT),
             "config": json.dumps(
                 {
                     "spec": model.spec.to_dict(),
@@ -340,41 +384,12 @@ class Predictor:
                 }
             ),
         }
-        tmp = path.with_name(path.name + ".tmp")
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp), metadata=meta)
-        tmp.replace(path)
-        return path
+        return write_weights(path, model.state_dict(), meta)
 
     @classmethod
     def load(cls, path: str | Path) -> Predictor:
-        from safetensors import SafetensorError, safe_open
-
         path = Path(path)
-        if not path.is_file():
-            raise PredictorError(f"no such predictor file: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open API)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise PredictorError(
-                f"{path}: not a predictor file ({str(exc).splitlines()[0]})"
-            ) from None
-        if meta.get("format") != FORMAT:
-            raise PredictorError(
-                f"{path}: not an aiop predictor file (format {meta.get('format')!r})"
-            )
-        if meta.get("format_version") != str(FORMAT_VERSION):
-            raise PredictorError(
-                f"{path}: predictor format {meta.get('format_version')} is not supported "
-                f"(this aiop reads {FORMAT_VERSION})"
-            )
-        if meta.get("feature_version") != str(FEATURE_VERSION):
-            raise PredictorError(
-                f"{path}: trained on CG feature version {meta.get('feature_version')}, this aiop "
-                f"featurises graphs with version {FEATURE_VERSION}: retrain the predictor"
-            )
+        meta, state = read_weights(path, FORMAT)
         try:
             config = json.loads(meta["config"])
             spec = GNNSpec.from_dict(config["spec"])

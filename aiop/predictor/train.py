@@ -26,7 +26,7 @@ import numpy as np
 
 from aiop.cg.graph import ComputeGraph
 from aiop.mconfig import MConfig
-from aiop.predictor.analytic import estimate_memory
+from aiop.predictor.analytic import PlanCache, estimate_memory
 from aiop.predictor.api import Predictor, Sample
 from aiop.predictor.metrics import regression_metrics
 from aiop.predictor.model import GNNSpec
@@ -341,9 +341,9 @@ class AnalyticPredictor:
 
     def predict(self, cg: ComputeGraph, configs: Sequence[MConfig | str]) -> list[dict[str, Any]]:
         out = []
-        plans: dict = {}
+        cache = PlanCache(cg)  # per-graph work shared by all configurations
         for c in configs:
-            est = estimate_memory(cg, MConfig.parse(c), plans)
+            est = estimate_memory(cg, MConfig.parse(c), cache)
             out.append(
                 {
                     "peak_memory_bytes": int(est.peak_memory_bytes),

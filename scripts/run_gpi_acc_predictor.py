@@ -1,0 +1,296 @@
+#!/usr/bin/env python
+"""Train and evaluate the cross-family GNN predictor the AIO-P way (run_gpi_acc_predictor.py).
+
+    python scripts/run_gpi_acc_predictor.py -cache_file data/labels.db \
+        -family_test ofa_pn#5 -targets memory -epochs 60 -num_seeds 2 \
+        -fine_tune_epochs 20 -k_adapt 3 -family_k ofa_mbv3 -output_dir runs/gpi
+
+Trains on ``-family_train`` (default: every family not held out), holds out
+the families of ``-family_test`` (``A#N``: N architectures of A fine-tune, the
+rest of A is the test set; the same for every seed), and reports per held-out
+family and variant (``noft``, ``ft``, ``kadapt_noft``, ``kadapt_ft``) MAE,
+MAPE, median/p95 APE, SRCC, Kendall τ and the shares within ±5 %/±10 %, as mean
+± std over ``-num_seeds`` seeds. Writes ``<model_name>.json`` and one
+predicted-vs-measured PNG per target and held-out family into ``-output_dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+LOG = logging.getLogger("run_gpi_acc_predictor")
+VARIANTS = ("noft", "ft", "kadapt_noft", "kadapt_ft")
+UNITS = {"memory": "bytes", "latency": "s", "flops": "FLOPs"}
+
+
+class UsageError(ValueError):
+    """Bad input: reported on one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad flags on one line (exit 2) instead of the usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"run_gpi_acc_predictor: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description=__doc__.splitlines()[0])
+    p.add_argument("-cache_file", "-store", default="data/labels.db", help="aiop SQLite store")
+    p.add_argument("-model_name", default="gpi", help="run name: prefix of the output files")
+    p.add_argument(
+        "-gnn", default="default", help="GNN setting: default, aiop (AIO-P baseline), or a conv"
+    )
+    p.add_argument("-family_train", nargs="*", default=None, help="families to train on")
+    p.add_argument("-family_test", required=True, help="held-out families, e.g. ofa_pn#5+zoo#2")
+    p.add_argument("-targets", nargs="+", default=["memory"], help="memory latency flops acc")
+    p.add_argument("-tar_norm", default="stand", choices=["stand", "stand_flops"])
+    p.add_argument("-epochs", type=int, default=60)
+    p.add_argument("-batch_size", type=int, default=64)
+    p.add_argument("-lr", type=float, default=1e-3)
+    p.add_argument("-fine_tune_epochs", type=int, default=0, help="0: no fine-tuning")
+    p.add_argument("-fine_tune_batch_size", type=int, default=8)
+    p.add_argument("-num_seeds", type=int, default=2)
+    p.add_argument("-seed", type=int, default=0, help="first training seed")
+    p.add_argument("-split_seed", type=int, default=0, help="seed of the #N selection")
+    p.add_argument(
+        "-k_adapt", type=int, default=None, choices=[0, 1, 2, 3], help="K-adapter fine-tune mode"
+    )
+    p.add_argument("-k_epochs", type=int, default=30, help="epochs per adapter")
+    p.add_argument("-family_k", nargs="*", default=None, help="one adapter per family")
+    p.add_argument("-device", default="meta", help="device of the memory labels")
+    p.add_argument("-mode", default="meta", help="mode of the memory labels")
+    p.add_argument("-output_dir", default="runs/gpi")
+    p.add_argument("-save_predictor", action="store_true", help="save the seed-0 predictor")
+    p.add_argument(
+        "-threads", type=int, default=1, help="torch intra-op threads (1: fastest for small graphs)"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("epochs", "num_seeds", "batch_size", "fine_tune_batch_size", "threads"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"-{name} must be at least 1")
+    for name in ("fine_tune_epochs", "k_epochs"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"-{name} must not be negative")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise UsageError("-lr must be a positive number")
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", args.model_name):
+        raise UsageError(f"-model_name {args.model_name!r}: use letters, digits, _ . - only")
+    if args.k_adapt is not None and not args.family_k:
+        raise UsageError("-k_adapt needs -family_k FAMILY [FAMILY ...] to train adapters on")
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "-", text)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from tqdm import tqdm
+
+    from aiop.cache import CacheError
+    from aiop.predictor.adapters import KAdapterPredictor
+    from aiop.predictor.api import Predictor
+    from aiop.predictor.metrics import mean_std, regression_metrics, scatter_plot
+    from aiop.predictor.train import (
+        SplitError,
+        collect_predictions,
+        families_of,
+        finetune,
+        load_samples,
+        make_spec,
+        split_by_family,
+        targets_present,
+    )
+
+    # small graphs: more intra-op threads only add contention (scatter_add_ slows down ~1000×
+    # on a busy 2-core machine)
+    torch.set_num_threads(args.threads)
+    try:
+        make_spec(args.gnn)
+        if not Path(args.cache_file).is_file():
+            raise UsageError(f"no such store: {args.cache_file}")
+        samples = load_samples(args.cache_file, args.targets, args.device, args.mode)
+        targets = targets_present(samples)
+        for t in args.targets:
+            if t != "acc" and t not in targets:
+                LOG.warning("no %s labels in %s: target skipped", t, args.cache_file)
+        if not samples or not targets:
+            raise UsageError(f"{args.cache_file}: no labels for targets {' '.join(args.targets)}")
+        split = split_by_family(
+            samples, args.family_test, args.split_seed, train_families=args.family_train
+        )
+    except (CacheError, SplitError) as exc:
+        raise UsageError(str(exc).splitlines()[0]) from None
+    except ValueError as exc:  # unknown target or GNN setting
+        raise UsageError(str(exc).splitlines()[0]) from None
+    known = families_of(samples)
+    k_samples = []
+    if args.k_adapt is not None:
+        for f in args.family_k:
+            if f not in known:
+                raise UsageError(
+                    f"unknown family {f!r} in -family_k; the data has {', '.join(known)}"
+                )
+            if f in split.test:
+                raise UsageError(
+                    f"-family_k {f!r} is held out: adapters must not see test families"
+                )
+        k_samples = [s for s in samples if s.family in args.family_k]
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    held = list(split.test)
+    per_seed: dict[str, dict[str, dict[str, list[dict[str, float]]]]] = {}
+    pairs: dict[tuple[str, str, str], tuple[list[float], list[float]]] = {}
+    steps = args.num_seeds * (1 + len(held))
+    bar = tqdm(total=steps, desc=args.model_name, disable=args.quiet)
+    t0 = time.perf_counter()
+
+    def score(variant: str, family: str, pred: Any) -> None:
+        for t, pr in collect_predictions(pred, split.test[family], targets).items():
+            per_seed.setdefault(family, {}).setdefault(variant, {}).setdefault(t, []).append(
+                regression_metrics(pr.y_true, pr.y_pred)
+            )
+            acc = pairs.setdefault((family, variant, t), ([], []))
+            acc[0].extend(pr.y_true)
+            acc[1].extend(pr.y_pred)
+
+    for i in range(args.num_seeds):
+        seed = args.seed + i
+        bar.set_postfix(seed=seed, step="train")
+        base = Predictor(
+            spec=make_spec(args.gnn),
+            targets=targets,
+            tar_norm=args.tar_norm,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=seed,
+            progress=False,
+        )
+        if not split.train:
+            raise UsageError("no training samples in -family_train")
+        base.fit(split.train)
+        if args.save_predictor and i == 0:
+            base.save(out_dir / f"{args.model_name}_seed{seed}.safetensors")
+        kp = None
+        if args.k_adapt is not None:
+            kp = KAdapterPredictor(
+                base, args.family_k, k_epochs=args.k_epochs, lr=args.lr, seed=seed, progress=False
+            )
+            kp.fit(k_samples)
+        bar.update(1)
+        for family in held:
+            bar.set_postfix(seed=seed, step=family)
+            score("noft", family, base)
+            ft_set = split.finetune[family]
+            if args.fine_tune_epochs and ft_set:
+                score(
+                    "ft",
+                    family,
+                    finetune(
+                        base, ft_set, args.fine_tune_epochs, batch_size=args.fine_tune_batch_size
+                    ),
+                )
+            if kp is not None:
+                score("kadapt_noft", family, kp)
+                if args.fine_tune_epochs and ft_set:
+                    tuned = kp.clone()
+                    tuned.finetune(
+                        ft_set,
+                        args.k_adapt,
+                        args.fine_tune_epochs,
+                        batch_size=args.fine_tune_batch_size,
+                    )
+                    score("kadapt_ft", family, tuned)
+            bar.update(1)
+    bar.close()
+    result: dict[str, Any] = {
+        "model_name": args.model_name,
+        "args": {k: v for k, v in vars(args).items()},
+        "targets": targets,
+        "families": known,
+        "split": split.describe(),
+        "finetune_graphs": split.finetune_graphs,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "results": {
+            fam: {
+                var: {t: mean_std(runs) for t, runs in by_t.items()} for var, by_t in by_var.items()
+            }
+            for fam, by_var in per_seed.items()
+        },
+        "plots": [],
+    }
+    for family, t in sorted({(f, t) for f, _, t in pairs}):
+        # one plot per (family, target), its variants as series
+        series = {v: pairs[(family, v, t)] for v in VARIANTS if (family, v, t) in pairs}
+        path = out_dir / f"{args.model_name}_{_safe(family)}_{_safe(t)}.png"
+        scatter_plot(
+            series,
+            path,
+            title=f"{args.model_name}: {t} on held-out {family} ({args.num_seeds} seed(s) pooled)",
+            unit=UNITS.get(t, ""),
+            log_scale=t in ("memory", "latency", "flops"),
+        )
+        result["plots"].append(str(path))
+    json_path = out_dir / f"{args.model_name}.json"
+    json_path.write_text(json.dumps(result, indent=1, default=str, allow_nan=True))
+    result["json"] = str(json_path)
+    return result
+
+
+def _digits(metric: str) -> int:
+    return 3 if metric in ("srcc", "kendall") else 2
+
+
+def print_table(result: dict[str, Any]) -> None:
+    from aiop.predictor.metrics import format_mean_std
+
+    cols = [("median_ape", 1, "medAPE%"), ("p95_ape", 1, "p95APE%"), ("mape", 1, "MAPE%")]
+    cols += [("srcc", 1, "SRCC"), ("kendall", 1, "tau"), ("within_5", 100, "±5%")]
+    cols += [("within_10", 100, "±10%")]
+    head = f"{'family':<12} {'variant':<12} {'target':<10} " + " ".join(f"{c[2]:>15}" for c in cols)
+    print(head)
+    for fam, by_var in result["results"].items():
+        for var, by_t in by_var.items():
+            for t, stats in by_t.items():
+                cells = " ".join(
+                    f"{format_mean_std(stats.get(k, {}), scale, _digits(k)):>15}"
+                    for k, scale, _ in cols
+                )
+                print(f"{fam:<12} {var:<12} {t:<10} {cells}")
+    print(f"wrote {result['json']} and {len(result['plots'])} plot(s) in {result['seconds']} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        _check_args(args)
+        result = run(args)
+    except UsageError as exc:
+        print(f"run_gpi_acc_predictor: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    print_table(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
