@@ -495,14 +495,9 @@ class KAdapterPredictor(Predictor):
             **file_header(FORMAT),
             "config": json.dumps(
                 {
-                    "spec": model.spec.to_dict(),
-                    "targets": self.targets,
-                    "tar_norm": self.tar_norm,
+                    **self._state_dict_json(),
                     "families": model.families,
                     "trained": model.trained,
-                    "normalizers": {t: n.to_dict() for t, n in self.normalizers.items()},
-                    "error_quantiles": self.error_quantiles,
-                    "meta": self.meta,
                 }
             ),
         }
@@ -524,10 +519,7 @@ class KAdapterPredictor(Predictor):
                 f"{path}: corrupt K-adapter metadata ({str(exc).splitlines()[0]})"
             ) from None
         pred = cls(families=config["families"])
-        pred.spec, pred.targets, pred.tar_norm = spec, list(config["targets"]), config["tar_norm"]
-        pred.normalizers = {t: Normalizer.from_dict(d) for t, d in config["normalizers"].items()}
-        pred.error_quantiles = config.get("error_quantiles", {})
-        pred.meta = config.get("meta", {})
+        pred._restore_state_json(config)
         net.eval()
         pred.model = net
         return pred

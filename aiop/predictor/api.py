@@ -364,6 +364,27 @@ class Predictor:
         return results
 
     # -- persistence ------------------------------------------------------------
+    def _state_dict_json(self) -> dict[str, Any]:
+        """What a predictor file records besides the weights (shared by every kind)."""
+        model = self._check_fitted()
+        return {
+            "spec": model.spec.to_dict(),
+            "targets": self.targets,
+            "tar_norm": self.tar_norm,
+            "normalizers": {t: n.to_dict() for t, n in self.normalizers.items()},
+            "error_quantiles": self.error_quantiles,
+            "meta": self.meta,
+        }
+
+    def _restore_state_json(self, config: dict[str, Any]) -> None:
+        """Inverse of :meth:`_state_dict_json` (the weights are loaded separately)."""
+        self.spec = GNNSpec.from_dict(config["spec"])
+        self.targets = list(config["targets"])
+        self.tar_norm = config["tar_norm"]
+        self.normalizers = {t: Normalizer.from_dict(d) for t, d in config["normalizers"].items()}
+        self.error_quantiles = config.get("error_quantiles", {})
+        self.meta = config.get("meta", {})
+
     def save(self, path: str | Path) -> Path:
         model = self._check_fitted()
         path = Path(path)
@@ -371,16 +392,11 @@ class Predictor:
             **file_header(FORMAT),
             "config": json.dumps(
                 {
-                    "spec": model.spec.to_dict(),
-                    "targets": self.targets,
-                    "tar_norm": self.tar_norm,
-                    "normalizers": {t: n.to_dict() for t, n in self.normalizers.items()},
-                    "error_quantiles": self.error_quantiles,
+                    **self._state_dict_json(),
                     "vocabulary": list(OP_VOCAB),
                     "num_node_features": NUM_NODE_FEATURES,
                     "config_vector": list(VECTOR_NAMES),
                     "analytic_features": list(ANALYTIC_NAMES),
-                    "meta": self.meta,
                 }
             ),
         }
@@ -393,12 +409,8 @@ class Predictor:
         try:
             config = json.loads(meta["config"])
             spec = GNNSpec.from_dict(config["spec"])
-            pred = cls(spec=spec, targets=config["targets"], tar_norm=config["tar_norm"])
-            pred.normalizers = {
-                t: Normalizer.from_dict(d) for t, d in config["normalizers"].items()
-            }
-            pred.error_quantiles = config.get("error_quantiles", {})
-            pred.meta = config.get("meta", {})
+            pred = cls(spec=spec)
+            pred._restore_state_json(config)
             if config.get("vocabulary") != list(OP_VOCAB):
                 raise PredictorError(f"{path}: op vocabulary differs from this aiop's")
             model = PerformanceGNN(spec)
