@@ -384,7 +384,11 @@ def test_dynamo_exporter_needs_onnxscript():
 
 def test_batchnorm_after_global_pooling_exports_at_batch_one():
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8, 2)
+        nn.Conv2d(3, 8, 3),
+        nn.AdaptiveAvgPool2d(1),
+        nn.BatchNorm2d(8),
+        nn.Flatten(),
+        nn.Linear(8, 2),
     )
     cg = from_torch(model, (1, 3, 8, 8))
     assert cg.op_counts()["BatchNormalization"] == 1
