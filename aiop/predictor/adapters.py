@@ -30,7 +30,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -40,13 +39,11 @@ from aiop.predictor.api import (
     Predictor,
     PredictorError,
     Sample,
-    _default_norm,
     file_header,
     read_weights,
     write_weights,
 )
 from aiop.predictor.model import ACTIVATIONS, GNNSpec, GraphEncoder, PerformanceGNN, _make_conv
-from aiop.predictor.normalize import Normalizer
 
 log = logging.getLogger(__name__)
 
@@ -332,33 +329,13 @@ class KAdapterPredictor(Predictor):
     # -- data -------------------------------------------------------------------------------
     def _tensors(self, samples: Sequence[Sample]):
         graphs, configs, analytic, peaks = self._rows(samples)
-        flops = np.asarray([s.cg.total_flops for s in samples], np.float64)
-        y = np.full((len(samples), len(self.targets)), np.nan)
-        for j, t in enumerate(self.targets):
-            raw = [self._raw_target(t, s, p) for s, p in zip(samples, peaks)]
-            have = np.asarray([v is not None for v in raw])
-            values = np.asarray([v if v is not None else 1.0 for v in raw], np.float64)
-            if t not in self.normalizers:
-                norm = Normalizer(_default_norm(t, self.tar_norm))
-                if have.any():
-                    norm.fit(values[have], flops[have])
-                self.normalizers[t] = norm
-            if have.any():
-                y[have, j] = self.normalizers[t].transform(values[have], flops[have])
+        y = self._target_matrix(samples, peaks)
         return (
             graphs,
             torch.from_numpy(configs),
             torch.from_numpy(analytic),
             torch.tensor(y, dtype=torch.float32),
         )
-
-    def _loss(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor | None:
-        losses = []
-        for j, t in enumerate(self.targets):
-            mask = ~torch.isnan(target[:, j])
-            if t in out and mask.any():
-                losses.append(torch.mean((out[t][mask] - target[mask, j]) ** 2))
-        return torch.stack(losses).sum() if losses else None
 
     # -- training ---------------------------------------------------------------------------
     def fit(self, samples: Sequence[Sample], finetune: bool = False) -> FitReport:

@@ -185,30 +185,10 @@ class Predictor:
             peaks.append(float(estimate.peak_memory_bytes))
         return graphs, np.asarray(configs, np.float32), np.asarray(analytic, np.float32), peaks
 
-    # -- training --------------------------------------------------------------
-    def fit(self, samples: Sequence[Sample], finetune: bool = False) -> FitReport:
-        """Train on ``samples`` (or fine-tune an already fitted predictor)."""
-        from torch_geometric.data import Batch
-        from tqdm import tqdm
-
-        if not samples:
-            raise PredictorError("no samples to fit on")
-        torch.manual_seed(self.seed)
-        rng = random.Random(self.seed)
-        graphs, configs, analytic, peaks = self._rows(samples)
+    def _target_matrix(self, samples: Sequence[Sample], peaks: Sequence[float]) -> np.ndarray:
+        """``[samples, targets]`` normalised targets, NaN where a label is missing; fits the
+        normaliser of any target that has none yet (on the labelled samples only)."""
         flops = np.asarray([s.cg.total_flops for s in samples], np.float64)
-        if not finetune or self.model is None:
-            targets = [t for t in self.targets if any(t in s.labels for s in samples)]
-            if not targets:
-                raise PredictorError(f"no sample has any of the targets {self.targets}")
-            self.targets = targets
-            spec = self.spec or GNNSpec()
-            spec.targets = list(targets)
-            spec.config_dim, spec.analytic_dim = len(VECTOR_NAMES), len(ANALYTIC_NAMES)
-            self.spec = spec
-            self.model = PerformanceGNN(spec)
-            self.normalizers = {}
-        assert self.model is not None
         y = np.full((len(samples), len(self.targets)), np.nan)
         for j, t in enumerate(self.targets):
             raw = [self._raw_target(t, s, p) for s, p in zip(samples, peaks)]
@@ -221,7 +201,41 @@ class Predictor:
                 self.normalizers[t] = norm
             if have.any():
                 y[have, j] = self.normalizers[t].transform(values[have], flops[have])
-        y_t = torch.tensor(y, dtype=torch.float32)
+        return y
+
+    def _loss(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor | None:
+        """Sum over targets of the MSE on the labelled rows; None when no row is labelled."""
+        losses = []
+        for j, t in enumerate(self.targets):
+            mask = ~torch.isnan(target[:, j])
+            if t in out and mask.any():
+                losses.append(torch.mean((out[t][mask] - target[mask, j]) ** 2))
+        return torch.stack(losses).sum() if losses else None
+
+    # -- training --------------------------------------------------------------
+    def fit(self, samples: Sequence[Sample], finetune: bool = False) -> FitReport:
+        """Train on ``samples`` (or fine-tune an already fitted predictor)."""
+        from torch_geometric.data import Batch
+        from tqdm import tqdm
+
+        if not samples:
+            raise PredictorError("no samples to fit on")
+        torch.manual_seed(self.seed)
+        rng = random.Random(self.seed)
+        graphs, configs, analytic, peaks = self._rows(samples)
+        if not finetune or self.model is None:
+            targets = [t for t in self.targets if any(t in s.labels for s in samples)]
+            if not targets:
+                raise PredictorError(f"no sample has any of the targets {self.targets}")
+            self.targets = targets
+            spec = self.spec or GNNSpec()
+            spec.targets = list(targets)
+            spec.config_dim, spec.analytic_dim = len(VECTOR_NAMES), len(ANALYTIC_NAMES)
+            self.spec = spec
+            self.model = PerformanceGNN(spec)
+            self.normalizers = {}
+        assert self.model is not None
+        y_t = torch.tensor(self._target_matrix(samples, peaks), dtype=torch.float32)
         cfg_t, ana_t = torch.from_numpy(configs), torch.from_numpy(analytic)
         opt = torch.optim.Adam(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(self.epochs, 1))
@@ -236,16 +250,9 @@ class Predictor:
             for start in range(0, len(order), self.batch_size):
                 idx = order[start : start + self.batch_size]
                 batch = Batch.from_data_list([graphs[i] for i in idx])
-                out = self.model(batch, cfg_t[idx], ana_t[idx])
-                target = y_t[idx]
-                losses = []
-                for j, t in enumerate(self.targets):
-                    mask = ~torch.isnan(target[:, j])
-                    if mask.any():
-                        losses.append(torch.mean((out[t][mask] - target[mask, j]) ** 2))
-                if not losses:
+                loss = self._loss(self.model(batch, cfg_t[idx], ana_t[idx]), y_t[idx])
+                if loss is None:
                     continue
-                loss = torch.stack(losses).sum()
                 opt.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
