@@ -43,7 +43,16 @@ from aiop.predictor.api import (
     read_weights,
     write_weights,
 )
-from aiop.predictor.model import ACTIVATIONS, GNNSpec, GraphEncoder, PerformanceGNN, _make_conv
+from aiop.predictor.model import (
+    ACTIVATIONS,
+    GNNSpec,
+    GraphEncoder,
+    PerformanceGNN,
+    _make_conv,
+    batch_of,
+    pool_nodes,
+    target_heads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,24 +63,6 @@ K_ADAPT_MODES: dict[int, tuple[str, ...]] = {
     3: ("heads", "adapters"),
 }
 FORMAT = "aiop-kadapter-predictor"
-
-
-def _pool(spec: GNNSpec, x: torch.Tensor, batch: torch.Tensor, attention: nn.Module | None):
-    from torch_geometric.nn import global_add_pool, global_mean_pool
-
-    if spec.pool == "mean":
-        return global_mean_pool(x, batch)
-    if spec.pool == "sum":
-        return global_add_pool(x, batch)
-    if spec.pool == "attention":
-        assert attention is not None
-        return attention(x, batch)
-    return torch.cat([global_add_pool(x, batch) / 100.0, global_mean_pool(x, batch)], 1)
-
-
-def _batch_of(data: Any, n: int) -> torch.Tensor:
-    batch = getattr(data, "batch", None)
-    return batch if batch is not None else torch.zeros(n, dtype=torch.long)
 
 
 def base_states(encoder: GraphEncoder, data: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -92,7 +83,7 @@ def base_states(encoder: GraphEncoder, data: Any) -> tuple[list[torch.Tensor], t
         h = encoder.dropout(encoder.act(norm(h)))
         x = x + h if residual else h
         states.append(x)
-    pooled = _pool(spec, x, _batch_of(data, x.shape[0]), encoder.attention)
+    pooled = pool_nodes(spec, x, batch_of(data, x), encoder.attention)
     return states, torch.cat([pooled, data.graph_attr], dim=1)
 
 
@@ -117,18 +108,7 @@ class Adapter(nn.Module):
         )
         self.out_dim = h * (2 if spec.pool == "sum+mean" else 1)
         in_dim = base_out_dim + self.out_dim + spec.config_dim + spec.analytic_dim
-        self.heads = nn.ModuleDict(
-            {
-                t: nn.Sequential(
-                    nn.Linear(in_dim, spec.head_hidden),
-                    nn.ReLU(),
-                    nn.Linear(spec.head_hidden, spec.head_hidden),
-                    nn.ReLU(),
-                    nn.Linear(spec.head_hidden, 1),
-                )
-                for t in targets
-            }
-        )
+        self.heads = target_heads(in_dim, spec.head_hidden, targets)
 
     def gnn_parameters(self) -> Iterable[nn.Parameter]:
         """Everything but the heads."""
@@ -147,7 +127,7 @@ class Adapter(nn.Module):
                 h = conv(z, data.edge_index, data.edge_attr)
             h = self.act(norm(h))
             x = x + h if residual else h
-        return _pool(self.spec, x, _batch_of(data, x.shape[0]), self.attention)
+        return pool_nodes(self.spec, x, batch_of(data, x), self.attention)
 
 
 class KAdapterNet(nn.Module):

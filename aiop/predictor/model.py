@@ -77,6 +77,47 @@ class GNNSpec:
         return cls(**known)
 
 
+def pool_nodes(
+    spec: GNNSpec, x: torch.Tensor, batch: torch.Tensor, attention: nn.Module | None
+) -> torch.Tensor:
+    """One vector per graph from node states, by ``spec.pool``."""
+    from torch_geometric.nn import global_add_pool, global_mean_pool
+
+    if spec.pool == "mean":
+        return global_mean_pool(x, batch)
+    if spec.pool == "sum":
+        return global_add_pool(x, batch)
+    if spec.pool == "attention":
+        assert attention is not None
+        return attention(x, batch)
+    # sum pooling scaled down: graph sizes span 10–1,000 nodes
+    return torch.cat([global_add_pool(x, batch) / 100.0, global_mean_pool(x, batch)], 1)
+
+
+def batch_of(data: Any, x: torch.Tensor) -> torch.Tensor:
+    """The graph index of every node (all zeros for a single, unbatched graph)."""
+    batch = getattr(data, "batch", None)
+    return (
+        batch if batch is not None else torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    )
+
+
+def target_heads(in_dim: int, hidden: int, targets: list[str]) -> nn.ModuleDict:
+    """One small MLP per target, reading the joined graph/config/analytic vector."""
+    return nn.ModuleDict(
+        {
+            t: nn.Sequential(
+                nn.Linear(in_dim, hidden),
+                nn.ReLU(),
+                nn.Linear(hidden, hidden),
+                nn.ReLU(),
+                nn.Linear(hidden, 1),
+            )
+            for t in targets
+        }
+    )
+
+
 def _make_conv(kind: str, hidden: int) -> nn.Module:
     from torch_geometric.nn import GATv2Conv, GINEConv, GraphConv
 
@@ -108,12 +149,8 @@ class GraphEncoder(nn.Module):
         self.out_dim = spec.hidden * (2 if spec.pool == "sum+mean" else 1) + NUM_GRAPH_FEATURES
 
     def forward(self, data: Any) -> torch.Tensor:
-        from torch_geometric.nn import global_add_pool, global_mean_pool
-
         x = self.embed(data.x)
-        batch = getattr(data, "batch", None)
-        if batch is None:
-            batch = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        batch = batch_of(data, x)
         residual = self.spec.conv != "graphconv"  # the AIO-P baseline stays as published
         for conv, norm in zip(self.convs, self.norms):
             if self.spec.conv == "graphconv":
@@ -122,15 +159,7 @@ class GraphEncoder(nn.Module):
                 h = conv(x, data.edge_index, data.edge_attr)
             h = self.dropout(self.act(norm(h)))
             x = x + h if residual else h
-        if self.spec.pool == "mean":
-            pooled = global_mean_pool(x, batch)
-        elif self.spec.pool == "sum":
-            pooled = global_add_pool(x, batch)
-        elif self.spec.pool == "attention":
-            pooled = self.attention(x, batch)
-        else:
-            # sum pooling scaled down: graph sizes span 10–1,000 nodes
-            pooled = torch.cat([global_add_pool(x, batch) / 100.0, global_mean_pool(x, batch)], 1)
+        pooled = pool_nodes(self.spec, x, batch, self.attention)
         return torch.cat([pooled, data.graph_attr], dim=1)
 
 
@@ -143,18 +172,7 @@ class PerformanceGNN(nn.Module):
         self.spec = spec
         self.encoder = GraphEncoder(spec)
         in_dim = self.encoder.out_dim + spec.config_dim + spec.analytic_dim
-        self.heads = nn.ModuleDict(
-            {
-                t: nn.Sequential(
-                    nn.Linear(in_dim, spec.head_hidden),
-                    nn.ReLU(),
-                    nn.Linear(spec.head_hidden, spec.head_hidden),
-                    nn.ReLU(),
-                    nn.Linear(spec.head_hidden, 1),
-                )
-                for t in spec.targets
-            }
-        )
+        self.heads = target_heads(in_dim, spec.head_hidden, spec.targets)
 
     def encode(self, data: Any) -> torch.Tensor:
         """``[num_graphs, encoder.out_dim]`` embeddings of a PyG batch."""
