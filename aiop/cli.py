@@ -8,6 +8,7 @@ traceback).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -19,6 +20,11 @@ from typing import Any
 from aiop import __version__
 
 log = logging.getLogger("aiop")
+
+
+# Subcommands owned by higher layers (plan/retrain, serve): each module has
+# register(subparsers, model_help) and imports only argparse at module level.
+COMMAND_MODULES: tuple[str, ...] = ("aiop.mpopt.cli", "aiop.service.cli")
 
 
 class UsageError(ValueError):
@@ -254,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/demo", help="folder for graphs, drawings and results")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_demo)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub, model_help)
     return parser
 
 

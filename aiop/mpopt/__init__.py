@@ -1,0 +1,1 @@
+"""Planning m-hyperparameters under a memory budget, and the online retraining loop."""

@@ -1,0 +1,1 @@
+"""The predictor as an HTTP service, and its client."""

@@ -1,0 +1,1 @@
+"""Data sets, task heads, training and metrics beyond classification (issue 6)."""
