@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from aiop import __version__
+from aiop.units import human_bytes, human_flops
 
 log = logging.getLogger("aiop")
 
@@ -32,21 +33,6 @@ class UsageError(ValueError):
 
 
 # -- output helpers ------------------------------------------------------------
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def human_count(n: float, unit: str = "") -> str:
-    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {suffix}{unit}"
-    return f"{n:.0f} {unit}".rstrip()
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
@@ -96,7 +82,7 @@ def cmd_cg(args: argparse.Namespace) -> int:
                 "value": ", ".join("x".join(map(str, s)) for s in summary["inputs"]),
             },
             {"field": "params", "value": f"{cg.total_params:,}"},
-            {"field": "FLOPs (forward)", "value": human_count(cg.total_flops, "FLOPs")},
+            {"field": "FLOPs (forward)", "value": human_flops(cg.total_flops)},
             {"field": "activations", "value": human_bytes(cg.total_activation_bytes)},
             {
                 "field": "ops",
@@ -124,7 +110,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
                 "params": f"{r['params']:,}"
                 if isinstance(r.get("params"), int)
                 else r.get("params", ""),
-                "FLOPs": human_count(r["flops"])
+                "FLOPs": human_flops(r["flops"])
                 if isinstance(r.get("flops"), (int, float))
                 else "",
                 "notes": r.get("description", ""),
@@ -195,7 +181,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     "peak memory": human_bytes(r["peak_memory_bytes"]),
                     "analytic": human_bytes(r["peak_memory_bytes_analytic"]),
                     "latency": f"{r['latency_s'] * 1000:.1f} ms" if "latency_s" in r else "",
-                    "FLOPs/sample": human_count(r["flops"]),
+                    "FLOPs/sample": human_flops(r["flops"]),
                     "trainable": f"{r['trainable_params']:,}",
                 }
             )

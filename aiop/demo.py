@@ -94,7 +94,8 @@ def _load_default_predictor() -> Any:
 
 def run_demo(out_dir: Path, as_json: bool = False) -> int:
     from aiop.cg import ComputeGraph, draw, from_torch, to_pyg
-    from aiop.cli import format_table, human_count
+    from aiop.cli import format_table
+    from aiop.units import human_flops
 
     out_dir.mkdir(parents=True, exist_ok=True)
     can_draw = shutil.which("dot") is not None
@@ -138,7 +139,7 @@ def run_demo(out_dir: Path, as_json: bool = False) -> int:
                     "model": g["model"],
                     "nodes": g["nodes"],
                     "params": f"{g['params']:,}",
-                    "FLOPs": human_count(g["flops"]),
+                    "FLOPs": human_flops(g["flops"]),
                     "PyG x": "x".join(map(str, g["features"])),
                     "build": f"{g['build_s']:.2f} s",
                     "fingerprint": g["fingerprint"],
@@ -171,7 +172,7 @@ def run_demo(out_dir: Path, as_json: bool = False) -> int:
 
 
 def _fmt(row: dict[str, Any], key: str) -> str:
-    from aiop.cli import human_bytes
+    from aiop.units import human_bytes
 
     return human_bytes(row[key]) if row.get(key) else ""
 

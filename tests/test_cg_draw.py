@@ -72,9 +72,9 @@ def node_lines(dot: str) -> dict[str, str]:
 
 # -- formatting ------------------------------------------------------------------
 def test_human_numbers() -> None:
-    assert human_bytes(1 * 32 * 56 * 56 * 4) == "392 KB"
+    assert human_bytes(1 * 32 * 56 * 56 * 4) == "392 KiB"
     assert human_bytes(100) == "100 B"
-    assert human_bytes(3 * 1024**3) == "3 GB"
+    assert human_bytes(3 * 1024**3) == "3 GiB"
     assert human_flops(1_234_567) == "1.23 MFLOPs"
     assert human_flops(640) == "640 FLOPs"
     assert human_count(4640) == "4.64k"

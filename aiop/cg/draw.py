@@ -30,6 +30,7 @@ import graphviz
 
 from aiop.cg.graph import CGError, ComputeGraph, Node, Shape
 from aiop.cg.vocab import op_kind
+from aiop.units import human_bytes, human_count, human_flops
 
 log = logging.getLogger(__name__)
 
@@ -57,37 +58,6 @@ EDGE_LABEL_MAX_NODES = 150
 DEFAULT_MAX_NODES = 2000
 DOT_TIMEOUT_S = 600
 _FONT = "DejaVu Sans,Helvetica,Arial,sans-serif"
-
-
-# -- human-readable numbers ------------------------------------------------------
-def human_flops(flops: float) -> str:
-    """``1234567`` → ``'1.2 MFLOPs'`` (decimal prefixes, like FLOP counters print)."""
-    value = float(flops)
-    for prefix in ("", "K", "M", "G", "T"):
-        if abs(value) < 1000 or prefix == "T":
-            return f"{value:.0f} {prefix}FLOPs" if prefix == "" else f"{value:.3g} {prefix}FLOPs"
-        value /= 1000
-    raise AssertionError("unreachable")
-
-
-def human_count(count: float) -> str:
-    """``23456`` → ``'23.5k'``."""
-    value = float(count)
-    for prefix in ("", "k", "M", "G"):
-        if abs(value) < 1000 or prefix == "G":
-            return f"{value:.0f}" if prefix == "" else f"{value:.3g}{prefix}"
-        value /= 1000
-    raise AssertionError("unreachable")
-
-
-def human_bytes(nbytes: float) -> str:
-    """``401408`` → ``'392 KB'`` (binary multiples, as memory is counted)."""
-    value = float(nbytes)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(value) < 1024 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.3g} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def format_shape(shape: Shape) -> str:
