@@ -162,3 +162,30 @@ def test_aiop_baseline_spec():
     )
     with pytest.raises(ValueError, match="unknown conv"):
         GNNSpec(conv="nope").validate()
+
+
+def test_caches_are_bounded_and_do_not_trust_a_files_fingerprint(fitted, tmp_path):
+    from aiop.cg.graph import ComputeGraph
+
+    p, samples = fitted
+    cg = samples[0].cg
+    other = samples[-1].cg
+    # A graph file cannot claim another graph's identity through meta["fp"].
+    cg.meta["fp"] = cg.fingerprint
+    path = tmp_path / "g.json"
+    cg.save(path)
+    data = json.loads(path.read_text())
+    assert "fp" not in data["meta"]
+    data["meta"]["fp"] = other.fingerprint
+    forged = ComputeGraph.from_dict(data)
+    assert "fp" not in forged.meta
+    want = p.predict(cg, SPECS[:2])
+    assert p.predict(forged, SPECS[:2]) == want
+
+    p.clear_caches()
+    p._featurizer.max_graphs = 1
+    for s in samples:
+        p.predict(s.cg, [s.config])
+    assert len(p._featurizer._graphs) == 1
+    assert {k[0] for k in p._featurizer._variants} == {samples[-1].cg.fingerprint}
+    assert p.predict(cg, SPECS[:2]) == want  # evicted graphs are rebuilt, same answer

@@ -151,6 +151,10 @@ class ConstTensor:
     param_names: list[str] = field(default_factory=list)
 
 
+# meta keys that memoise derived facts in memory only (see ComputeGraph.meta).
+MEMO_META_KEYS: frozenset[str] = frozenset({"fp"})
+
+
 @dataclass
 class ComputeGraph:
     """A computational graph: nodes in topological order, edges, inputs and outputs."""
@@ -161,6 +165,9 @@ class ComputeGraph:
     outputs: list[TensorSpec]
     name: str = ""
     source: str = ""  # "onnx", "torch", "tf" ...
+    # Free-form facts (model name, family, ...). ``meta["fp"]`` is an in-memory memo
+    # of the fingerprint set by trusted code (store, predictor, service); it is never
+    # written out nor read back, so a file cannot claim another graph's identity.
     meta: dict[str, Any] = field(default_factory=dict)
     constants: dict[str, ConstTensor] = field(default_factory=dict)
     # Values of the large constants (weights), by constant name. Not part of the
@@ -267,7 +274,7 @@ class ComputeGraph:
             "name": self.name,
             "source": self.source,
             "fingerprint": self.fingerprint,
-            "meta": _jsonable(self.meta),
+            "meta": _jsonable({k: v for k, v in self.meta.items() if k not in MEMO_META_KEYS}),
             "inputs": [_spec_dict(s) for s in self.inputs],
             "outputs": [_spec_dict(s) for s in self.outputs],
             "nodes": [_node_dict(n) for n in self.nodes],
@@ -335,7 +342,7 @@ class ComputeGraph:
                 ],
                 name=data.get("name", ""),
                 source=data.get("source", ""),
-                meta=data.get("meta", {}),
+                meta={k: v for k, v in (data.get("meta") or {}).items() if k not in MEMO_META_KEYS},
                 constants=constants,
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:

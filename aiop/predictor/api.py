@@ -24,6 +24,7 @@ import logging
 import math
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = "aiop-predictor"
 FORMAT_VERSION = 1
+# Graphs whose analytic-model cache a predictor keeps (a server sees many graphs).
+PLAN_CACHE_GRAPHS = 32
 
 
 class PredictorError(ValueError):
@@ -162,6 +165,7 @@ class Predictor:
         self.error_quantiles: dict[str, dict[str, float]] = {}
         self.meta: dict[str, Any] = {}
         self._featurizer = GraphFeaturizer()
+        self._plan_caches: OrderedDict[str, PlanCache] = OrderedDict()
 
     # -- targets -------------------------------------------------------------
     def _raw_target(self, target: str, sample: Sample, analytic_peak: float) -> float | None:
@@ -292,6 +296,22 @@ class Predictor:
         return out
 
     # -- inference ---------------------------------------------------------------
+    def clear_caches(self) -> None:
+        """Forget every per-graph cache (PyG variants, analytic plans)."""
+        self._featurizer = GraphFeaturizer()
+        self._plan_caches.clear()
+
+    def _plan_cache(self, fp: str, cg: ComputeGraph) -> PlanCache:
+        """The analytic model's per-graph cache, kept for the last few graphs (LRU)."""
+        cache = self._plan_caches.get(fp)
+        if cache is None:
+            cache = self._plan_caches[fp] = PlanCache(cg)
+            while len(self._plan_caches) > PLAN_CACHE_GRAPHS:
+                self._plan_caches.popitem(last=False)
+        else:
+            self._plan_caches.move_to_end(fp)
+        return cache
+
     def _check_fitted(self) -> PerformanceGNN:
         if self.model is None:
             raise PredictorError("the predictor is not fitted: call fit() or Predictor.load()")
@@ -317,9 +337,9 @@ class Predictor:
             log.warning(
                 "graph has ops outside the vocabulary (%s): predictions may be off", unknown
             )
-        fp = cg.fingerprint
-        cg.meta.setdefault("fp", fp)
-        cache = PlanCache(cg)
+        fp = cg.meta.get("fp") or cg.fingerprint
+        cg.meta["fp"] = fp
+        cache = self._plan_cache(fp, cg)
         estimates, analytic, vectors = [], [], []
         for c in configs:
             c.validate_for(cache.n_blocks, cg.name or "the graph")

@@ -15,7 +15,8 @@ predicts ``log(measured / analytic)``.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from collections import OrderedDict
+from typing import Any
 
 import torch
 
@@ -72,14 +73,20 @@ def analytic_features(
 
 
 class GraphFeaturizer:
-    """Caches PyG graphs per (graph, structural key) and analytic estimates per config."""
+    """Caches PyG graphs per (graph, structural key), bounded for long-running servers.
 
-    def __init__(self, maxsize: int = 4096) -> None:
-        self._pyg = lru_cache(maxsize=maxsize)(self._pyg_uncached)
-        self._graphs: dict[str, ComputeGraph] = {}
-        self._base: dict[str, object] = {}  # flag-free PyG graph per fingerprint
+    At most ``max_graphs`` graphs are kept (least recently used out), and at most
+    ``maxsize`` PyG variants over all of them.
+    """
 
-    def _pyg_uncached(self, fingerprint: str, key: tuple):
+    def __init__(self, maxsize: int = 4096, max_graphs: int = 64) -> None:
+        self.maxsize = maxsize
+        self.max_graphs = max_graphs
+        self._graphs: OrderedDict[str, ComputeGraph] = OrderedDict()
+        self._base: dict[str, Any] = {}  # flag-free PyG graph per fingerprint
+        self._variants: OrderedDict[tuple[str, tuple], Any] = OrderedDict()
+
+    def _variant(self, fingerprint: str, key: tuple) -> Any:
         cg = self._graphs[fingerprint]
         base = self._base.get(fingerprint)
         if base is None:
@@ -93,10 +100,30 @@ class GraphFeaturizer:
             data.x[:, start + k] = torch.tensor(flags[name], dtype=torch.float32)
         return data
 
-    def pyg(self, cg: ComputeGraph, config: MConfig):
+    def _remember(self, fingerprint: str, cg: ComputeGraph) -> None:
+        if fingerprint in self._graphs:
+            self._graphs.move_to_end(fingerprint)
+            return
+        self._graphs[fingerprint] = cg
+        while len(self._graphs) > self.max_graphs:
+            old, _ = self._graphs.popitem(last=False)
+            self._base.pop(old, None)
+            for k in [k for k in self._variants if k[0] == old]:
+                del self._variants[k]
+
+    def pyg(self, cg: ComputeGraph, config: MConfig) -> Any:
+        """The PyG graph of ``cg`` with ``config``'s node flags (cached)."""
         fp = cg.meta.get("fp") or cg.fingerprint
-        self._graphs.setdefault(fp, cg)
-        return self._pyg(fp, structural_key(config))
+        self._remember(fp, cg)
+        key = (fp, structural_key(config))
+        data = self._variants.get(key)
+        if data is None:
+            data = self._variants[key] = self._variant(*key)
+            while len(self._variants) > self.maxsize:
+                self._variants.popitem(last=False)
+        else:
+            self._variants.move_to_end(key)
+        return data
 
     def analytic(self, cg: ComputeGraph, config: MConfig) -> tuple[MemoryEstimate, list[float]]:
         estimate = estimate_memory(cg, config)
