@@ -3,7 +3,8 @@
 For every zoo model (64 px) and family samples, the training CG is exported
 from the original module (``from_torch``: training mode, opset 17), a module is
 rebuilt from it (initialised weights, as under ``FakeTensorMode``), and both are
-profiled in ``meta`` mode under four configs (full/last × sgd/adamw, batch 8).
+profiled in ``meta`` mode under eight configs (batch 8): full/last × sgd/adamw, and
+freezing the first 30% / 70% of layers × sgd/adamw.
 Reports the peak of each and the relative difference (target: within 1%), plus
 the rebuilt forward's agreement with the original at batch 3 (weights loaded).
 
@@ -17,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -36,6 +39,10 @@ CONFIGS = [
     "bs=8,mb=8,method=last",
     "bs=8,mb=8,opt=adamw",
     "bs=8,mb=8,method=last,opt=adamw",
+    "bs=8,mb=8,freeze=0.3",
+    "bs=8,mb=8,freeze=0.7",
+    "bs=8,mb=8,freeze=0.3,opt=adamw",
+    "bs=8,mb=8,freeze=0.7,opt=adamw",
 ]
 RESOLUTION = 64
 
@@ -116,7 +123,11 @@ def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
         f"Within 1%: **{meta['within_1pct']} / {meta['pairs']}** (model, config) pairs; "
         f"max |diff| {meta['max_abs_rel_diff'] * 100:.2f}%; "
-        f"max forward error {meta['max_forward_rel_error']:.1e}.",
+        f"max forward error {meta['max_forward_rel_error']:.1e}; "
+        f"trainable parameter counts equal in {meta.get('same_trainable', '?')} / "
+        f"{meta['pairs']}.",
+        "",
+        f"Command: `{meta.get('command', '')}` ({meta.get('wall_s', '?')} s).",
         "",
         "| model | params | fwd err | " + " | ".join(CONFIGS) + " |",
         "|---|---|---|" + "---|" * len(CONFIGS),
@@ -128,7 +139,11 @@ def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         cells = []
         for c in CONFIGS:
             d = r["configs"][c]
-            cells.append(f"{d['peak_original'] / 2**20:.1f} → {d['rel_diff'] * 100:+.2f}%")
+            same_t = d["trainable_original"] == d["trainable_rebuilt"]
+            cells.append(
+                f"{d['peak_original'] / 2**20:.1f} → {d['rel_diff'] * 100:+.2f}%"
+                + ("" if same_t else " ≠")
+            )
         same = "=" if r["params_original"] == r["params_rebuilt"] else "≠"
         lines.append(
             f"| {r['model']} | {r['params_original']:,} {same} | "
@@ -140,14 +155,26 @@ def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "max |original − rebuilt| / max |original| at batch 3 (train mode, dropout off; "
         "the CG is built at batch 1, so this also checks the batch rule).",
     ]
+    lines += [
+        "",
+        "Trainable: `≠` after a cell marks a config where the rebuilt module trains another "
+        "number of parameters than the original (none here means freezing selected the same "
+        "layers). Freezing counts parameterised modules in the order a forward calls them; "
+        "parameters the original reads as attributes of a module it never calls (CLIP's CLS "
+        "token and position embeddings, its logit scale) are owned by never-called holder "
+        "modules in the rebuilt one, so both count the same layers. Without autograd in a "
+        "frozen prefix the peak follows Python's lifetimes: a child module's result is held "
+        "to the end of its parent only when the parent's return expression uses it "
+        "(`return act(out + identity)`), not when an earlier statement does "
+        "(`x = x + attn(norm1(x))`).",
+    ]
     if any(r["model"] == "zoo:clip_vit" for r in rows):
         lines += [
             "",
-            "zoo:clip_vit under `method=last`: the TorchScript exporter lists the text tower "
-            "before the image head, which the original runs first; the rebuilt module runs the "
-            "graph's order, so the image tower's last tokens stay alive through the frozen "
-            "text tower (+1.9%). With autograd on (full), saved tensors dominate and the peaks "
-            "agree.",
+            "zoo:clip_vit: the graph does not say which loss trained it, so the rebuilt module "
+            "trains its (B, B) logits toward zeros (a 4-byte target) where CLIP's InfoNCE takes "
+            "B class indices (64 bytes at batch 8): −60 bytes when the inputs are alive at the "
+            "peak (`method=last`).",
         ]
     return "\n".join(lines) + "\n"
 
@@ -155,7 +182,7 @@ def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 def rewrite_markdown(out: Path) -> None:
     """Re-render the Markdown from the JSON (after a change to the table's layout)."""
     data = json.loads((out / "to_torch_fidelity.json").read_text())
-    (out / "to_torch_fidelity.md").write_text(to_markdown(data["rows"], data["meta"]))
+    _write_atomic(out / "to_torch_fidelity.md", to_markdown(data["rows"], data["meta"]))
 
 
 def main() -> None:
@@ -170,13 +197,34 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # Finished models go to a JSON-lines journal as they complete: an interrupted run
+    # picks up where it stopped (same configs), and the tables are written at the end.
+    journal = out / "to_torch_fidelity.partial.jsonl"
+    done: dict[str, dict[str, Any]] = {}
+    if journal.exists():
+        for line in journal.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by the interruption
+            if row.get("config_list") == CONFIGS:
+                done[row["model"]] = row
+    t_start = time.perf_counter() - sum(r.get("wall_s", 0.0) for r in done.values())
     rows = []
     for spec in tqdm(_specs(args.families, args.quick), desc="models"):
+        if spec in done:
+            rows.append(done[spec])
+            continue
+        t0 = time.perf_counter()
         try:
-            rows.append(measure(spec))
+            row = measure(spec)
         except Exception as exc:  # record and go on: one model must not stop the table
             log.exception("%s failed", spec)
-            rows.append({"model": spec, "error": str(exc).splitlines()[0][:200]})
+            row = {"model": spec, "error": str(exc).splitlines()[0][:200]}
+        row.update(config_list=CONFIGS, wall_s=round(time.perf_counter() - t0, 1))
+        rows.append(row)
+        with journal.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
     diffs = [abs(c["rel_diff"]) for r in rows if "configs" in r for c in r["configs"].values()]
     meta = {
         "tool_version": tool_version(),
@@ -188,10 +236,28 @@ def main() -> None:
             (r["forward_rel_error"] for r in rows if "forward_rel_error" in r), default=0.0
         ),
         "failed": [r["model"] for r in rows if "error" in r],
+        "same_trainable": sum(
+            c["trainable_original"] == c["trainable_rebuilt"]
+            for r in rows
+            if "configs" in r
+            for c in r["configs"].values()
+        ),
+        "command": " ".join(
+            ["OMP_NUM_THREADS=1 python benchmarks/to_torch_fidelity.py", *sys.argv[1:]]
+        ),
+        "wall_s": round(time.perf_counter() - t_start),
     }
-    (out / "to_torch_fidelity.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (out / "to_torch_fidelity.md").write_text(to_markdown(rows, meta))
+    data = json.dumps({"meta": meta, "rows": rows}, indent=1)
+    _write_atomic(out / "to_torch_fidelity.json", data)
+    _write_atomic(out / "to_torch_fidelity.md", to_markdown(rows, meta))
+    journal.unlink(missing_ok=True)
     print(to_markdown(rows, meta))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

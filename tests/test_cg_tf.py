@@ -596,3 +596,189 @@ def test_unfrozen_graph_and_graph_ending_in_pad() -> None:
     assert [n.op for n in cg.nodes] == ["Input", "Relu", "Pad"]
     assert cg.nodes[2].attrs["pads"] == [0, 0, 1, 0, 0, 0, 0, 2]
     assert cg.outputs[0].shape == (1, 2, 5, 6)
+
+
+# -- building trainable PyTorch modules from imported GraphDefs (aiop.cg.to_torch) --------
+
+torch = pytest.importorskip("torch")
+tfx = pytest.importorskip("tf_fixtures")
+from aiop.cg.to_torch import module_from_file, to_torch  # noqa: E402
+
+BUILD_TOL = 1e-4
+FIXTURES = ["small_cnn", "resnet_stem", "mixed_cnn", "layout_ops", "decoder"]
+
+
+def _nchw(t):
+    return t.permute(0, 3, 1, 2) if t.dim() == 4 else t
+
+
+def _check_against_reference(g, batch: int | None = None, training: bool = False) -> None:
+    """The built module (NCHW in, NCHW out) computes what the GraphDef computes in NHWC."""
+    cg = from_tf_pb(g.SerializeToString())
+    module = to_torch(cg, weights="file")
+    module.train(training)
+    shape = cg.inputs[0].shape
+    x = torch.randn(batch or shape[0], *shape[1:], generator=torch.Generator().manual_seed(0))
+    ref = tfx.run_reference(g, {cg.inputs[0].name: x.permute(0, 2, 3, 1)}, training=training)
+    with torch.no_grad():
+        out = module(x)
+    outs = out if isinstance(out, tuple) else (out,)
+    assert len(outs) == len(cg.outputs)
+    for spec, got in zip(cg.outputs, outs):
+        want = ref[spec.name.removesuffix("/flatten")]
+        want = _nchw(want[0] if isinstance(want, list) else want)
+        assert got.shape == want.shape, spec.name
+        err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+        assert err <= BUILD_TOL, (spec.name, err)
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_built_module_matches_the_graphdef(fixture: str) -> None:
+    _check_against_reference(getattr(tfx, fixture)())
+
+
+@pytest.mark.parametrize("fixture", ["mixed_cnn", "layout_ops"])
+def test_built_module_follows_the_batch(fixture: str) -> None:
+    """Built at the file's batch, run at another (shape constants with the batch scale)."""
+    _check_against_reference(getattr(tfx, fixture)(), batch=5)
+
+
+@pytest.mark.parametrize("fixture", ["training_bn", "mixed_cnn"])
+def test_training_mode_uses_batch_statistics(fixture: str) -> None:
+    """In train() BatchNorm normalises with the batch's statistics, as TF training does;
+    a training graph's empty moving statistics start at 0 and 1."""
+    _check_against_reference(getattr(tfx, fixture)(), training=True)
+    if fixture == "training_bn":
+        module = to_torch(from_tf_pb(tfx.training_bn().SerializeToString()))
+        bn = next(m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        assert torch.equal(bn.running_mean, torch.zeros(6))
+        assert torch.equal(bn.running_var, torch.ones(6))
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_weights_and_gradients(fixture: str) -> None:
+    """Every learned TF weight is a parameter (same count as the CG), and trains."""
+    cg = from_tf_pb(getattr(tfx, fixture)().SerializeToString())
+    module = to_torch(cg)
+    params = list(module.parameters())
+    assert sum(p.numel() for p in params) == cg.total_params
+    module.train()
+    inputs, targets = module.make_batch(3, generator=torch.Generator().manual_seed(1))
+    module.loss(module(*inputs), targets).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+def test_weight_layouts_are_converted() -> None:
+    """HWIO kernels → OIHW, depthwise HWIM → (C·M, 1, kh, kw), Dense (K, N) → (N, K)."""
+    g = tfx.mixed_cnn()
+    cg = from_tf_pb(g.SerializeToString())
+    ref = {
+        nd.name: np.frombuffer(nd.attr["value"].tensor.tensor_content, "<f4")
+        for nd in g.node
+        if nd.op == "Const" and nd.attr["value"].tensor.tensor_content
+    }
+    module = to_torch(cg)
+    convs = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+    c1, dw = convs[0], convs[1]
+    k = ref["c1/kernel"].reshape(3, 3, 3, 8)
+    assert np.allclose(c1.weight.detach().numpy(), k.transpose(3, 2, 0, 1))
+    d = ref["dw/kernel"].reshape(3, 3, 8, 2)
+    assert dw.groups == 8 and dw.weight.shape == (16, 1, 3, 3)
+    assert np.allclose(dw.weight.detach().numpy()[2 * 3 + 1, 0], d[:, :, 3, 1])
+    fc = next(m for m in module.modules() if isinstance(m, torch.nn.Linear))
+    assert np.allclose(fc.weight.detach().numpy(), ref["fc1/kernel"].reshape(30, 12).T)
+
+
+def test_nchw_graph_builds() -> None:
+    g = pb.GraphDef()
+    x = placeholder(g, "x", (1, 3, 15, 15))
+    k = const(g, "k", np.arange(3 * 3 * 3 * 4, dtype=np.float32).reshape(3, 3, 3, 4) / 50)
+    node(g, "conv", "Conv2D", [x, k], strides=[1, 1, 2, 2], padding="SAME", data_format="NCHW")
+    node(g, "bias", "BiasAdd", ["conv", const(g, "bb", np.arange(4.0))], data_format="NCHW")
+    node(g, "act", "Relu", ["bias"])
+    shift = np.array([0.5, -1.0, 2.0, 0.0], np.float32)
+    node(g, "shift", "BiasAdd", ["act", const(g, "sh", shift)], data_format="NCHW")
+    cg = from_tf_pb(g.SerializeToString())
+    xin = torch.randn(2, 3, 15, 15)
+    with torch.no_grad():
+        got = to_torch(cg).eval()(xin)
+    kernel = np.arange(3 * 3 * 3 * 4, dtype=np.float32).reshape(3, 3, 3, 4) / 50
+    w = torch.from_numpy(kernel).permute(3, 2, 0, 1)
+    # SAME for 15 at stride 2 and k 3: out 8, total pad 2 → 1 before, 1 after
+    want = torch.relu(torch.nn.functional.conv2d(xin, w, torch.arange(4.0), 2, 1))
+    want = want + torch.from_numpy(shift).reshape(4, 1, 1)  # an unmerged NCHW BiasAdd
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_unbuildable_op_is_named_and_predict_still_answers(tmp_path: Path) -> None:
+    g = tfx.small_cnn()
+    node(g, "odd", "Cumprod", ["out/Softmax", const(g, "odd/axis", np.array(1, np.int32))],
+         _output_shapes=[[1, 10]])  # fmt: skip
+    path = write_pb(tmp_path / "odd.pb", g)
+    cg = from_tf_pb(path)
+    assert cg.nodes[-1].op == "Cumprod" and cg.total_params > 0
+    with pytest.raises(CGError, match=r"cannot build a PyTorch module for op\(s\) tf::Cumprod"):
+        module_from_file(path)
+
+
+def test_profile_a_pb_file_through_the_built_module(tmp_path: Path) -> None:
+    profiler = pytest.importorskip("aiop.profiler")
+    path = write_pb(tmp_path / "mixed.pb", tfx.mixed_cnn())
+    full = profiler.profile(str(path), "bs=8,mb=4", mode="meta", flops=False)
+    last = profiler.profile(str(path), "bs=8,mb=4,method=last", mode="meta", flops=False)
+    cg = from_tf_pb(path)
+    assert full.peak_memory_bytes > last.peak_memory_bytes > 0
+    assert full.breakdown["params"] == 4 * cg.total_params
+    assert full.trainable_params == cg.total_params
+
+
+def test_tf_and_pytorch_copies_of_a_network_profile_the_same() -> None:
+    """NHWC becomes NCHW at the input, not by transposes around every op, so the module
+    built from the TF file spends what the same network's PyTorch export spends."""
+    profiler = pytest.importorskip("aiop.profiler")
+    from aiop.cg.torch_import import from_torch
+
+    twin = from_torch(_torch_stem(), (1, 3, 64, 64))
+    tf = from_tf_pb(resnet_stem().SerializeToString())
+    for config in ("bs=8,mb=8", "bs=8,mb=4,freeze=0.5,opt=adamw", "bs=8,mb=8,method=last"):
+        a = profiler.profile(lambda: to_torch(twin), config, mode="meta", flops=False)
+        b = profiler.profile(lambda: to_torch(tf), config, mode="meta", flops=False)
+        assert a.peak_memory_bytes == b.peak_memory_bytes, config
+
+
+def test_asymmetric_same_padding_costs_its_padded_copy() -> None:
+    """TF's SAME at stride 2 pads (0, 1): PyTorch convolutions pad symmetrically, so the
+    built module pads explicitly and autograd keeps the padded input instead of the input
+    (the twin pads (1, 1), a different computation at the same cost otherwise)."""
+    profiler = pytest.importorskip("aiop.profiler")
+    from aiop.cg.torch_import import from_torch
+
+    twin = from_torch(_torch_twin(), (1, 3, 32, 32))
+    tf = from_tf_pb(small_cnn().SerializeToString())
+    a = profiler.profile(lambda: to_torch(twin), "bs=8,mb=8", mode="meta", flops=False)
+    b = profiler.profile(lambda: to_torch(tf), "bs=8,mb=8", mode="meta", flops=False)
+    padded, image = 8 * 3 * 33 * 33 * 4, 8 * 3 * 32 * 32 * 4
+    assert b.peak_memory_bytes - a.peak_memory_bytes == padded - image
+
+
+@pytest.mark.slow
+def test_cli_profile_and_predict_a_pb_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``aiop profile FILE.pb`` measures the built module; an op that cannot be built is
+    named on one line (exit 2) while ``aiop predict`` still answers from the CG."""
+    import json
+
+    from aiop.cli import main
+
+    good = write_pb(tmp_path / "mixed.pb", tfx.mixed_cnn())
+    assert main(["profile", str(good), "--config", "bs=8,mb=4,freeze=0.5", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["peak_memory_bytes"] > 0 and 0 < result["trainable_params"] < result["params"]
+    g = tfx.small_cnn()
+    node(g, "odd", "Cumprod", ["out/Softmax", const(g, "odd/axis", np.array(1, np.int32))],
+         _output_shapes=[[1, 10]])  # fmt: skip
+    odd = write_pb(tmp_path / "odd.pb", g)
+    assert main(["profile", str(odd), "--config", "bs=8,mb=4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "aiop: error: cannot build a PyTorch module for op(s) tf::Cumprod (1 node)"
+    assert main(["predict", str(odd), "--config", "bs=8,mb=4", "--json"]) == 0
+    assert "peak_memory_bytes" in capsys.readouterr().out

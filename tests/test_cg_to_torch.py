@@ -388,16 +388,23 @@ def test_module_from_file_and_factory_under_fake_mode(tmp_path) -> None:
         module_from_file(bad)
 
 
-def test_tf_pb_without_operands_is_refused(tmp_path) -> None:
-    """TF GraphDef CGs record no node inputs (yet): one clear error, not a traceback."""
+def test_tf_pb_builds_from_file_and_under_fake_mode(tmp_path) -> None:
+    """A frozen TF GraphDef builds like an ONNX file (its numerics: tests/test_cg_tf.py)."""
     import sys
     from pathlib import Path
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
     sys.path.insert(0, str(Path(__file__).parent))
     tf_fixtures = pytest.importorskip("tf_fixtures")
     path = tf_fixtures.write_pb(tmp_path / "m.pb", tf_fixtures.small_cnn())
-    with pytest.raises(CGError, match="no operands"):
-        module_from_file(path)
+    module = module_from_file(path, weights="file")
+    assert sum(p.numel() for p in module.parameters()) == 16 * 27 + 16 + 32 + 144 + 170
+    with FakeTensorMode():
+        fake = module_factory(path)()
+        inputs, targets = fake.make_batch(2)
+        fake.loss(fake(*inputs), targets).backward()
+    assert all(p.grad is not None for p in fake.parameters())
 
 
 def test_graph_without_operands_is_refused() -> None:
@@ -509,6 +516,9 @@ def test_every_zoo_model_eval_export_matches_onnxruntime(name: str) -> None:
         ("zoo:resnet18", "bs=8,mb=8"),
         ("zoo:mobilevit_xxs", "bs=8,mb=8,method=last"),  # needs Python-like lifetimes
         ("family:ofa_resnet:2", "bs=8,mb=8,method=last,opt=adamw"),
+        ("family:ofa_mbv3:3", "bs=16,mb=8,freeze=0.3"),  # a frozen prefix, no autograd
+        ("zoo:clip_vit", "bs=8,mb=8,method=last"),  # temporaries vs locals
+        ("zoo:clip_vit", "bs=8,mb=8,freeze=0.7,opt=adamw"),  # attribute-read parameters
     ],
 )
 def test_memory_fidelity_meta_profiler(spec: str, config: str) -> None:
@@ -522,3 +532,81 @@ def test_memory_fidelity_meta_profiler(spec: str, config: str) -> None:
     a = profiler.profile(spec, config, mode="meta", flops=False, resolution=res)
     b = profiler.profile(lambda: to_torch(cg), config, mode="meta", flops=False)
     assert abs(b.peak_memory_bytes - a.peak_memory_bytes) <= 0.01 * a.peak_memory_bytes
+
+
+def test_freezing_counts_the_same_layers_as_the_original() -> None:
+    """Parameters read as attributes of never-called modules (CLIP's tokens, logit scale)
+    live in never-called holders: forward order, layer count and the layers a freeze
+    rate selects are the original's."""
+    models = pytest.importorskip("aiop.models")
+    from aiop.cg import from_torch
+    from aiop.mconfig.apply import forward_order, prepare
+
+    original = models.build("zoo:clip_vit", resolution=32)
+    rebuilt = to_torch(from_torch(original))
+
+    def units(model: nn.Module) -> list[tuple[str, ...]]:
+        return [
+            tuple(sorted(n for n, _ in m.named_parameters(recurse=False)))
+            for _, m in forward_order(model)
+        ]
+
+    a, b = units(original), units(rebuilt)
+    assert a == b  # the never-called three come last, in registration order
+    assert a[-3:] == [("cls_token", "pos_embed"), ("pos_embed",), ("logit_scale",)]
+    names = dict(rebuilt.named_parameters())
+    assert "stem.tokens.cls_token" in names and "head.temperature.logit_scale" in names
+    for rate in (0.3, 0.7, 0.99):
+        pa = prepare(original, f"bs=2,mb=2,freeze={rate}")
+        pb = prepare(rebuilt, f"bs=2,mb=2,freeze={rate}")
+        count = dict(original.named_parameters())
+        assert sum(count[n].numel() for n in pa.trainable_params) == sum(
+            names[n].numel() for n in pb.trainable_params
+        )
+    prepare(rebuilt, "bs=2,mb=2")  # everything trains again
+    inputs, targets = rebuilt.make_batch(2, generator=torch.Generator().manual_seed(0))
+    rebuilt.loss(rebuilt(*inputs), targets).backward()  # borrowed parameters still train
+    assert names["stem.tokens.cls_token"].grad is not None
+
+
+def test_child_results_held_only_by_the_return_expression() -> None:
+    """``x = x + self.f(x)`` then more code: f's result is a temporary, freed at its
+    use; ``return self.act(out + identity)``: out and identity live until return."""
+    from aiop.cg.to_torch import _plan_steps, _release_points
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.f = nn.Linear(8, 8)
+            self.g = nn.Linear(8, 8)
+            self.act = nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x * 2 + self.f(x)  # an earlier statement: f(x) is a temporary
+            out = self.g(x)
+            return self.act(out + x)  # the return expression: out lives until return
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = Block()
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.block(x))
+
+    from aiop.cg import from_torch
+
+    cg = from_torch(Net(), (2, 8))
+    steps = _plan_steps(cg)
+    last: dict[str, int] = {}
+    for k, s in enumerate(steps):
+        for t in s.inputs:
+            last[t] = k
+    release = _release_points(steps, last, "locals")
+    produced = {o: s for s in steps for o in s.outputs}
+    f_out = next(o for o, s in produced.items() if s.node.scope.endswith("block/f"))
+    g_out = next(o for o, s in produced.items() if s.node.scope.endswith("block/g"))
+    block_end = max(k for k, s in enumerate(steps) if s.node.scope.startswith("block"))
+    assert release[f_out] == last[f_out]  # freed right after the add that uses it
+    assert release[g_out] == block_end  # held until the block returns

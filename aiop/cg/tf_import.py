@@ -30,6 +30,26 @@ network exported from PyTorch (DESIGN.md: the CG describes training):
   ``Flatten`` when dims are not kept); ``Reshape`` to ``(N, -1)`` → ``Flatten``.
 * Unknown ops are kept under their TF name (the vocabulary's OOV slot) with
   their shapes, and a warning; float constants feeding them count as params.
+
+For :mod:`aiop.cg.to_torch` every node also records its operands as the ONNX
+op of ``Node.op`` takes them (``Node.inputs``: computed tensors named after
+their TF node, ``name:port`` for further outputs; constants by key) and its
+``Node.outputs``; constants go to ``ComputeGraph.constants`` and their values
+(weights) to ``ComputeGraph.weights`` in ONNX layout: HWIO kernels as OIHW,
+depthwise HWIM as ``(C·M, 1, kh, kw)``, Dense ``(K, N)`` as Gemm's ``(N, K)``,
+constants broadcast against NHWC feature maps as NCHW. Learned weights carry
+their TF node's name in ``param_names``; BatchNorm statistics a training graph
+leaves empty start at 0 and 1.
+
+NHWC is turned into NCHW once, at the graph input, and the whole network runs
+NCHW, as a PyTorch port of it would: ops whose result depends on NHWC element
+order (a Reshape or Keras Flatten of a feature map, a Squeeze/ExpandDims or
+slice that changes the rank, a Mean that drops spatial axes, elementwise ops
+broadcasting lower-rank tensors against a map) carry ``_perm_in``/``_perm_out``
+attributes: the builder permutes to NHWC and back around just that op. Those
+permutations are views; the copies they cause (reshaping a permuted map) are
+the ones PyTorch pays too, so the built module's memory is that of the network
+in PyTorch rather than of TF's kernels.
 """
 
 from __future__ import annotations
@@ -47,7 +67,15 @@ from google.protobuf.message import DecodeError
 
 from aiop.cg import tf_graphdef as pb
 from aiop.cg.flops import node_flops
-from aiop.cg.graph import CGError, ComputeGraph, Edge, Node, TensorSpec
+from aiop.cg.graph import (
+    SMALL_CONSTANT,
+    CGError,
+    ComputeGraph,
+    ConstTensor,
+    Edge,
+    Node,
+    TensorSpec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +220,13 @@ class _Sym:
 
 
 _Value = _Const | _Sym
+# An operand of an emitted node, in ONNX input order: a computed tensor, the key of a
+# constant already registered (see _Importer.const_key), or None for an absent input.
+_Operand = _Sym | str | None
+
+# Constant layouts: TF's weight layouts → ONNX's (what aiop.cg.to_torch builds from).
+_NHWC_TO_NCHW = (0, 3, 1, 2)
+_NCHW_TO_NHWC = (0, 2, 3, 1)
 
 
 class _OnnxShape(tuple):
@@ -409,6 +444,26 @@ def _broadcast(a: Shape, b: Shape) -> Shape:
         raise CGError(f"shapes {list(a)} and {list(b)} do not broadcast") from None
 
 
+def _to_layout(arr: np.ndarray, layout: str) -> np.ndarray:
+    """A TF constant in the ONNX layout named by ``layout`` (see ``_Importer.const_key``)."""
+    if not layout:
+        return arr
+    if layout == "conv":
+        return arr.transpose(3, 2, 0, 1)
+    if layout == "depthwise":
+        kh, kw, cin, mult = arr.shape
+        # TF's output channel c·M + m is the (c, m) filter: one group per input channel.
+        return arr.reshape(kh, kw, cin * mult).transpose(2, 0, 1)[:, None]
+    if layout == "convT":
+        return arr.transpose(3, 2, 0, 1)
+    if layout == "gemm":
+        return arr.T
+    if layout == "nchw":
+        full = arr.reshape((1,) * (4 - arr.ndim) + arr.shape) if arr.ndim < 4 else arr
+        return full.transpose(_NHWC_TO_NCHW)
+    raise CGError(f"internal: unknown constant layout {layout!r}")  # pragma: no cover
+
+
 # -- the importer -------------------------------------------------------------------
 class _Importer:
     def __init__(self, graph_def: Any, input_shape: Shape | None, name: str, label: str) -> None:
@@ -441,6 +496,11 @@ class _Importer:
         self.folded_pads = 0
         self.shape_mismatch = 0
         self.current = ""
+        # What the PyTorch builder needs: tensor names per node output, constants, weights.
+        self.out_names: list[list[str]] = []
+        self.tensor_names: set[str] = set()
+        self.constants: dict[str, ConstTensor] = {}
+        self.weights: dict[str, np.ndarray] = {}
 
     # -- driver -----------------------------------------------------------------
     def run(self) -> ComputeGraph:
@@ -505,6 +565,8 @@ class _Importer:
                 "unknown_ops": sorted(self.unknown),
                 "folded_pads": self.folded_pads,
             },
+            constants=self.constants,
+            weights=self.weights,
         )
         cg.validate()
         return cg
@@ -624,10 +686,21 @@ class _Importer:
         buffers: int = 0,
         param_names: Sequence[str] = (),
         suffix: str = "",
+        operands: Sequence[_Operand] | None = None,
     ) -> list[_Sym]:
-        """Append one CG node (shapes in TF layout) with edges from ``data``; its outputs."""
+        """Append one CG node (shapes in TF layout) with edges from ``data``; its outputs.
+
+        ``operands`` lists the node's inputs in ONNX order for ``Node.inputs``
+        (computed tensors and registered constant keys); by default the ``data``
+        tensors alone.
+        """
         attrs = attrs or {}
         data = [self.materialize(s) for s in data]
+        if operands is None:
+            operands = data
+        inputs = [
+            "" if v is None else v if isinstance(v, str) else self.tensor_name(v) for v in operands
+        ]
         dtypes = list(out_dtypes or [data[0].dtype if data else "float32"] * len(out_shapes))
         cg_in = [tuple(s) if isinstance(s, _OnnxShape) else self.cg_shape(s) for s in input_shapes]
         cg_out = [self.cg_shape(s) for s in out_shapes]
@@ -646,6 +719,8 @@ class _Importer:
                 flops=node_flops(op, attrs, cg_in, cg_out),
                 param_names=list(param_names),
                 scope=_scope(nd.name),
+                inputs=inputs,
+                outputs=self._new_names(nd.name + suffix, len(out_shapes)),
             )
         )
         seen: set[tuple[int, int]] = set()
@@ -655,6 +730,138 @@ class _Importer:
             seen.add((s.node, s.port))
             self.edges.append(Edge(s.node, index, self.cg_shape(s.shape), s.dtype))
         return [_Sym(index, p, tuple(sh), dt) for p, (sh, dt) in enumerate(zip(out_shapes, dtypes))]
+
+    def _new_names(self, base: str, n: int) -> list[str]:
+        """Unique tensor names for a node's outputs: ``base``, ``base:1``, ..."""
+        names = []
+        for port in range(n):
+            name = base if port == 0 else f"{base}:{port}"
+            k = 2
+            while name in self.tensor_names:
+                name, k = f"{base}_{k}" + (f":{port}" if port else ""), k + 1
+            self.tensor_names.add(name)
+            names.append(name)
+        self.out_names.append(names)
+        return names
+
+    def tensor_name(self, s: _Sym) -> str:
+        return self.out_names[self.materialize(s).node][s.port]
+
+    def const_key(self, c: _Const, layout: str = "", *, param: bool = False, rank: int = 0) -> str:
+        """Register constant ``c`` in ONNX layout (for ``Node.inputs``); return its key.
+
+        ``layout``: ``"conv"`` HWIO → OIHW, ``"depthwise"`` HWIM → (I·M, 1, H, W),
+        ``"convT"`` (H, W, out, in) → (in, out, H, W), ``"gemm"`` (K, N) → (N, K),
+        ``"nchw"`` an operand broadcast against a 4-D NHWC tensor (``rank``: that
+        tensor's rank) moved to NCHW (a per-channel ``(C,)`` becomes ``(C, 1, 1)``).
+        ``param``: a learned weight (``param_names`` = the TF node's name); other
+        constants of at most ``SMALL_CONSTANT`` elements keep their values in the CG.
+        """
+        if layout == "nchw" and not (self.nhwc and rank == 4 and c.size > 1):
+            layout = ""
+        key = f"{c.name}#{layout}" if layout else c.name
+        if key in self.constants:
+            if param and not self.constants[key].param_names:
+                self.constants[key].param_names = [c.name]
+            return key
+        try:
+            arr: np.ndarray | None = np.asarray(c.value())
+        except CGError:
+            arr = None  # a value TF would compute at run time: shape only, initialised
+        shape = tuple(c.shape)
+        if arr is not None:
+            arr = _to_layout(arr, layout)
+            shape = tuple(int(d) for d in arr.shape)
+        else:  # the layout's shape from a stand-in of the same shape (no data)
+            stand_in = np.broadcast_to(np.zeros((), np.int8), shape)
+            shape = tuple(_to_layout(stand_in, layout).shape)
+        dtype = c.dtype if c.dtype in _NP_DTYPES or c.dtype == "bfloat16" else "float32"
+        value = None
+        if arr is not None:
+            if not param and arr.size <= SMALL_CONSTANT and arr.dtype != object:
+                value = arr.reshape(-1).tolist()
+            elif arr.dtype != object:
+                self.weights[key] = np.ascontiguousarray(arr)
+        self.constants[key] = ConstTensor(shape, dtype, value, [c.name] if param else [])
+        return key
+
+    def filled_const(self, base: str, shape: Shape, fill: float) -> str:
+        """A constant made up here (absent BatchNorm statistics): ``fill`` everywhere."""
+        key = base
+        k = 2
+        while key in self.constants:
+            key, k = f"{base}_{k}", k + 1
+        self.constants[key] = ConstTensor(tuple(shape), "float32", None, [])
+        self.weights[key] = np.full(shape, fill, np.float32)
+        return key
+
+    def operand(
+        self, v: _Value, layout: str = "", *, param: bool = False, rank: int = 0
+    ) -> _Operand:
+        """A value as an operand: a computed tensor, or a registered constant's key."""
+        if isinstance(v, _Sym):
+            return self.materialize(v)
+        return self.const_key(v, layout, param=param, rank=rank)
+
+    @staticmethod
+    def spread(shape: Shape) -> bool:
+        """Whether an NHWC 4-D shape orders its elements unlike its NCHW view (H·W > 1, C > 1)."""
+        return len(shape) == 4 and shape[1] * shape[2] > 1 and shape[3] > 1
+
+    def _broadcast_attrs(self, ins: Sequence[_Value], out: Shape) -> dict[str, Any]:
+        """Elementwise ops mixing a 4-D NHWC tensor with lower-rank computed ones (which
+        broadcast against NHWC's trailing axes) run on the NHWC view."""
+        if not (self.nhwc and len(out) == 4):
+            return {}
+        syms = [v for v in ins if isinstance(v, _Sym)]
+        if all(len(v.shape) in (0, 4) or math.prod(v.shape) == 1 for v in syms):
+            return {}
+        return {"_perm_in": list(_NCHW_TO_NHWC), "_perm_out": list(_NHWC_TO_NCHW)}
+
+    def _slice_attrs(self, index: tuple[Any, ...], shape: Shape, out: Shape) -> dict[str, Any]:
+        """Slice-1 attributes (starts/ends/axes/steps) of a numpy-style TF index.
+
+        A slice that keeps the rank is written in the CG's axes; one that drops
+        (shrink) or adds axes runs on TF's layout and reshapes to its result.
+        """
+        rank = len(shape)
+        real = sum(1 for i in index if i is not None and i is not Ellipsis)
+        full: list[Any] = []
+        for i in index:
+            full += [slice(None)] * (rank - real) if i is Ellipsis else [i]
+        full += [slice(None)] * (rank - sum(1 for i in full if i is not None))
+        starts, ends, axes, steps = [], [], [], []
+        axis = 0
+        for i in full:
+            if i is None:
+                continue
+            n = shape[axis]
+            if isinstance(i, slice):
+                b, e, st = i.indices(n)
+                if st < 0 and e < 0:
+                    e = -(n + 1)  # "before the first element" (ONNX's INT_MIN end)
+            else:
+                b = int(i) + n if int(i) < 0 else int(i)
+                e, st = b + 1, 1
+            if (b, e, st) != (0, n, 1):
+                starts.append(b)
+                ends.append(e)
+                axes.append(axis)
+                steps.append(st)
+            axis += 1
+        changes_rank = len(out) != rank
+        if not changes_rank:
+            axes = [self.cg_axis(a, rank) for a in axes]
+        attrs: dict[str, Any] = {"starts": starts, "ends": ends, "axes": axes, "steps": steps}
+        if changes_rank:
+            attrs["_out_shape"] = list(out)
+            keeps = full[0] is not None and 0 not in axes and out and out[0] == shape[0]
+            attrs["_keeps_batch"] = int(bool(keeps))
+            if self.nhwc and rank == 4:
+                attrs["_perm_in"] = list(_NCHW_TO_NHWC)
+            if self.nhwc and len(out) == 4:
+                attrs["_perm_out"] = list(_NHWC_TO_NCHW)
+        return attrs
 
     def materialize(self, s: _Sym) -> _Sym:
         """A tensor whose zero Pad was kept pending: emit the Pad node now (once)."""
@@ -764,6 +971,7 @@ class _Importer:
         consts = [v for v in ins if isinstance(v, _Const)]
         weights = [c for c in consts if c.dtype.startswith(("float", "bfloat")) and c.size > 1]
         dtype = _attr_type(nd, "T", "dtype") or data[0].dtype
+        operands = [self.operand(v, param=v in weights) for v in ins]
         return list(
             self.emit(
                 nd,
@@ -774,6 +982,7 @@ class _Importer:
                 [dtype] * len(shapes),
                 params=sum(c.size for c in weights),
                 param_names=[c.name for c in weights],
+                operands=operands,
             )
         )
 
@@ -864,6 +1073,7 @@ class _Importer:
         if self._fanout(key) != 1 or any(e.src == x.node for e in self.edges):
             return False
         node.input_shapes.append((channels,))
+        node.inputs.append(self.const_key(b, param=True))
         node.params += channels
         node.param_names.append(b.name)
         node.flops = node_flops(node.op, node.attrs, node.input_shapes, node.output_shapes)
@@ -897,6 +1107,9 @@ def _h_conv2d(self: _Importer, nd: Any, ins: list[_Value]) -> list[_Value]:
     }
     data = [src] + ([w] if isinstance(w, _Sym) else [])
     is_const = isinstance(w, _Const)
+    if not is_const:
+        raise CGError("a convolution filter computed at run time is not supported")
+    layout = "depthwise" if depthwise else "conv"
     return list(
         self.emit(
             nd,
@@ -907,6 +1120,7 @@ def _h_conv2d(self: _Importer, nd: Any, ins: list[_Value]) -> list[_Value]:
             attrs=attrs,
             params=w.size if is_const else 0,
             param_names=[w.name] if is_const else [],
+            operands=[src, self.const_key(w, layout, param=True)],
         )
     )
 
@@ -935,17 +1149,19 @@ def _h_conv_transpose(self: _Importer, nd: Any, ins: list[_Value]) -> list[_Valu
         "pads": pads,
         "strides": list(strides),
     }
-    is_const = isinstance(w, _Const)
+    if not isinstance(w, _Const):
+        raise CGError("a transposed-convolution filter computed at run time is not supported")
     return list(
         self.emit(
             nd,
             "ConvTranspose",
-            [x] + ([w] if isinstance(w, _Sym) else []),
+            [x],
             [x.shape, _OnnxShape((cin, cout, kh, kw))],
             [out_shape],
             attrs=attrs,
-            params=w.size if is_const else 0,
-            param_names=[w.name] if is_const else [],
+            params=w.size,
+            param_names=[w.name],
+            operands=[x, self.const_key(w, "convT", param=True)],
         )
     )
 
@@ -959,6 +1175,14 @@ def _h_bias_add(self: _Importer, nd: Any, ins: list[_Value]) -> list[_Value]:
         return [x]
     x = self.materialize(x)
     is_const = isinstance(b, _Const)
+    # BiasAdd adds along the channel axis: NHWC's last (moved to NCHW's second by the
+    # "nchw" layout), or NCHW's second in an NCHW graph, where (C,) must become (C, 1, 1).
+    bkey: _Operand
+    if is_const and not self.nhwc and len(x.shape) == 4:
+        b3 = _Const(b.name, (b.size, 1, 1), b.dtype, array=b.value().reshape(-1, 1, 1))
+        bkey = self.const_key(b3, param=True)
+    else:
+        bkey = self.operand(b, "nchw", param=is_const, rank=len(x.shape))
     return list(
         self.emit(
             nd,
@@ -968,6 +1192,7 @@ def _h_bias_add(self: _Importer, nd: Any, ins: list[_Value]) -> list[_Value]:
             [x.shape],
             params=b.size if is_const else 0,
             param_names=[b.name] if is_const else [],
+            operands=[x, bkey],
         )
     )
 
@@ -982,6 +1207,22 @@ def _h_batch_norm(self: _Importer, nd: Any, ins: list[_Value]) -> list[_Value]:
         "momentum": 0.8999999761581421,  # float32(0.9), as PyTorch's training export records
         "training_mode": 1,  # a CG describes training (DESIGN.md)
     }
+    # ONNX operands: scale, bias, mean, var; statistics a training graph leaves empty
+    # start at 0 and 1 (what nn.BatchNorm2d starts from), an absent scale/offset at 1/0.
+    operands: list[_Operand] = [x]
+    for pos, fill, learned_pos in ((1, 1.0, True), (2, 0.0, True), (3, 0.0, False),
+                                   (4, 1.0, False)):  # fmt: skip
+        v = ins[pos] if pos < len(ins) else None
+        if isinstance(v, _Sym):
+            operands.append(self.materialize(v))
+        elif isinstance(v, _Const) and v.size == c:
+            operands.append(self.const_key(v, param=learned_pos))
+        else:
+            key = self.filled_const(f"{nd.name}/{('scale', 'offset', 'mean', 'variance')[pos - 1]}",
+                                    (c,), fill)  # fmt: skip
+            if learned_pos:
+                self.constants[key].param_names = [key]
+            operands.append(key)
     # Same outputs as a training-mode ONNX BatchNormalization: y, running mean, running var.
     outs = self.emit(
         nd,
@@ -994,6 +1235,7 @@ def _h_batch_norm(self: _Importer, nd: Any, ins: list[_Value]) -> list[_Value]:
         params=sum(v.size for v in learned) if learned else 2 * c,
         buffers=sum(v.size for v in stats) or 2 * c,  # empty in training graphs: still 2C
         param_names=[v.name for v in learned],
+        operands=operands,
     )
     return [outs[0], outs[1], outs[2], outs[1], outs[2], outs[1]]
 
@@ -1008,6 +1250,8 @@ def _h_activation(self: _Importer, nd: Any, ins: list[_Value]) -> list[_Value]:
         attrs["alpha"] = _attr_f(nd, "alpha", 0.2)
     elif nd.op == "Elu":
         attrs["alpha"] = 1.0
+    elif nd.op == "Relu6":
+        attrs.update(min=0.0, max=6.0)  # Clip-6's attributes (what ReLU6 computes)
     return list(self.emit(nd, op, [x], [x.shape], [x.shape], attrs=attrs))
 
 
@@ -1051,7 +1295,12 @@ def _h_binary(self: _Importer, nd: Any, ins: list[_Value]) -> list[_Value]:
     b_shape = b.shape if isinstance(b, _Const) else self.materialize(b).shape
     out = _broadcast(a_shape, b_shape)
     dtype = _attr_type(nd, "T") or data[0].dtype
-    return list(self.emit(nd, op, data, [a_shape, b_shape], [out], [dtype]))
+    attrs = self._broadcast_attrs(ins, out)
+    layout = "" if attrs else "nchw"  # on the NHWC view constants keep TF's layout
+    operands = [self.operand(v, layout, rank=len(out)) for v in (a, b)]
+    return list(
+        self.emit(nd, op, data, [a_shape, b_shape], [out], [dtype], attrs=attrs, operands=operands)
+    )
 
 
 def _h_add_n(self: _Importer, nd: Any, ins: list[_Value]) -> list[_Value]:
@@ -1064,7 +1313,10 @@ def _h_add_n(self: _Importer, nd: Any, ins: list[_Value]) -> list[_Value]:
     out = shapes[0]
     for s in shapes[1:]:
         out = _broadcast(out, s)
-    return list(self.emit(nd, "Add", data, shapes, [out]))
+    attrs = self._broadcast_attrs(ins, out)
+    layout = "" if attrs else "nchw"
+    operands = [self.operand(v, layout, rank=len(out)) for v in ins]
+    return list(self.emit(nd, "Add", data, shapes, [out], attrs=attrs, operands=operands))
 
 
 def _h_matmul(self: _Importer, nd: Any, ins: list[_Value]) -> list[_Value]:
@@ -1104,10 +1356,25 @@ def _h_matmul(self: _Importer, nd: Any, ins: list[_Value]) -> list[_Value]:
                     attrs={"alpha": 1.0, "beta": 1.0, "transB": 1},
                     params=b.size,
                     param_names=[b.name],
+                    operands=[x, self.const_key(b, "" if tb else "gemm", param=True)],
                 )
             )
     data = [self.materialize(v) for v in (a, b) if isinstance(v, _Sym)]
     consts = [v for v in (a, b) if isinstance(v, _Const) and v.size > 1]
+    attrs: dict[str, Any] = {}
+    operands: list[_Operand] = []
+    for v, t, flag in ((a, ta, "_adj_a"), (b, tb, "_adj_b")):
+        if isinstance(v, _Const) and t and len(v.shape) == 2:
+            operands.append(self.const_key(v, "gemm", param=v in consts))  # stored transposed
+            continue
+        if t:
+            attrs[flag] = 1
+        operands.append(self.operand(v, param=v in consts))
+    if self.nhwc and any(len(v.shape) == 4 for v in data):
+        # 4-D operands (attention heads) multiply over TF's last two axes: use TF's layout.
+        attrs["_perm_in"] = list(_NCHW_TO_NHWC)
+        if len(out) == 4:
+            attrs["_perm_out"] = list(_NHWC_TO_NCHW)
     return list(
         self.emit(
             nd,
@@ -1115,8 +1382,10 @@ def _h_matmul(self: _Importer, nd: Any, ins: list[_Value]) -> list[_Value]:
             data,
             [tuple(a_shape), tuple(b_shape)],
             [out],
+            attrs=attrs,
             params=sum(c.size for c in consts),
             param_names=[c.name for c in consts],
+            operands=operands,
         )
     )
 
@@ -1169,7 +1438,16 @@ def _h_reduce(self: _Importer, nd: Any, ins: list[_Value]) -> list[_Value]:
                 nd, "Flatten", [pooled], [out_keep], [out], attrs={"axis": 1}, suffix="/flatten"
             )
         )
-    attrs = {"axes": sorted(self.cg_axis(a, rank) for a in axes), "keepdims": int(keep)}
+    attrs: dict[str, Any] = {
+        "axes": sorted(self.cg_axis(a, rank) for a in axes),
+        "keepdims": int(keep),
+    }
+    if self.nhwc and rank == 4 and not keep:
+        # The axes left keep NCHW's order in PyTorch; TF's result has them in NHWC's.
+        left = [t for t in _NHWC_TO_NCHW if t not in axes]
+        perm = [left.index(t) for t in sorted(left)]
+        if perm != sorted(perm):
+            attrs["_perm_out"] = perm
     return list(self.emit(nd, op, [x], [x.shape], [out], attrs=attrs))
 
 
@@ -1195,9 +1473,13 @@ def _h_concat(self: _Importer, nd: Any, ins: list[_Value]) -> list[_Value]:
             raise CGError(f"cannot concatenate shapes {[list(x) for x in shapes]} on axis {axis}")
     out = tuple(sum(s[ax] for s in shapes) if i == ax else d for i, d in enumerate(shapes[0]))
     data = [self.materialize(v) for v in parts if isinstance(v, _Sym)]
+    operands = [self.operand(v, "nchw", rank=rank) for v in parts]
     return list(
-        self.emit(nd, "Concat", data, shapes, [out], attrs={"axis": self.cg_axis(ax, rank)})
-    )
+        self.emit(
+            nd, "Concat", data, shapes, [out], attrs={"axis": self.cg_axis(ax, rank)},
+            operands=operands,
+        )
+    )  # fmt: skip
 
 
 def _h_pack(self: _Importer, nd: Any, ins: list[_Value]) -> list[_Value]:
@@ -1209,9 +1491,16 @@ def _h_pack(self: _Importer, nd: Any, ins: list[_Value]) -> list[_Value]:
     ax = self._norm_axis(axis, rank)
     out = (*shapes[0][:ax], len(ins), *shapes[0][ax:])
     data = [self.materialize(v) for v in ins if isinstance(v, _Sym)]
-    return list(
-        self.emit(nd, "Concat", data, shapes, [out], attrs={"axis": self.cg_axis(ax, rank)})
-    )
+    attrs: dict[str, Any] = {"axis": self.cg_axis(ax, rank), "new_axis": 1}
+    if self.nhwc and 4 in (rank, rank - 1):
+        # Stack in TF's layout: NHWC inputs back from NCHW, an NHWC result shown as NCHW.
+        attrs["axis"] = ax
+        if rank - 1 == 4:
+            attrs["_perm_in"] = list(_NCHW_TO_NHWC)
+        else:
+            attrs["_perm_out"] = list(_NHWC_TO_NCHW)
+    operands = [self.operand(v) for v in ins]
+    return list(self.emit(nd, "Concat", data, shapes, [out], attrs=attrs, operands=operands))
 
 
 def _h_reshape(self: _Importer, nd: Any, ins: list[_Value]) -> list[_Value]:
@@ -1230,9 +1519,17 @@ def _h_reshape(self: _Importer, nd: Any, ins: list[_Value]) -> list[_Value]:
         raise CGError(f"cannot reshape {list(x.shape)} to {target}")
     if out == x.shape:
         return [x]  # a no-op reshape is plumbing
+    # A reshape reads elements in TF's order: an NHWC feature map whose order differs from
+    # NCHW's goes back to NHWC first (a copy PyTorch makes too), a 4-D result is shown NCHW.
+    attrs: dict[str, Any] = {}
+    if self.nhwc and self.spread(x.shape):
+        attrs["_perm_in"] = list(_NCHW_TO_NHWC)
     if len(x.shape) > 2 and len(out) == 2 and out[0] == x.shape[0]:
-        return list(self.emit(nd, "Flatten", [x], [x.shape], [out], attrs={"axis": 1}))
-    return list(self.emit(nd, "Reshape", [x], [x.shape], [out]))
+        return list(self.emit(nd, "Flatten", [x], [x.shape], [out], attrs={"axis": 1, **attrs}))
+    if self.nhwc and len(out) == 4:
+        attrs["_perm_out"] = list(_NHWC_TO_NCHW)
+    operands = [x, self.const_key(self._const(ins[1], "the target shape"))]
+    return list(self.emit(nd, "Reshape", [x], [x.shape], [out], attrs=attrs, operands=operands))
 
 
 def _h_squeeze(self: _Importer, nd: Any, ins: list[_Value]) -> list[_Value]:
@@ -1247,7 +1544,11 @@ def _h_squeeze(self: _Importer, nd: Any, ins: list[_Value]) -> list[_Value]:
     if any(x.shape[a] != 1 for a in axes):
         raise CGError(f"cannot squeeze axes {sorted(axes)} of shape {list(x.shape)}")
     out = tuple(d for i, d in enumerate(x.shape) if i not in axes)
-    attrs = {"axes": sorted(self.cg_axis(a, rank) for a in axes)}
+    attrs: dict[str, Any] = {"axes": sorted(self.cg_axis(a, rank) for a in axes)}
+    left = [t for t in _NHWC_TO_NCHW if t not in axes]
+    if self.nhwc and rank == 4 and left != sorted(left):
+        # Channels kept beside a spatial axis: squeeze the NHWC view, as TF does.
+        attrs = {"axes": sorted(axes), "_perm_in": list(_NCHW_TO_NHWC)}
     return list(self.emit(nd, "Squeeze", [x], [x.shape], [out], attrs=attrs))
 
 
@@ -1259,7 +1560,11 @@ def _h_expand_dims(self: _Importer, nd: Any, ins: list[_Value]) -> list[_Value]:
     x = self.materialize(x)
     ax = self._norm_axis(axis, len(x.shape) + 1)
     out = (*x.shape[:ax], 1, *x.shape[ax:])
-    attrs = {"axes": [self.cg_axis(ax, len(out))]}
+    attrs: dict[str, Any] = {"axes": [self.cg_axis(ax, len(out))]}
+    if self.nhwc and len(out) == 4:
+        attrs = {"axes": [ax], "_perm_out": list(_NHWC_TO_NCHW)}  # NHWC result shown NCHW
+    elif self.nhwc and len(x.shape) == 4:
+        attrs = {"axes": [ax], "_perm_in": list(_NCHW_TO_NHWC)}
     return list(self.emit(nd, "Unsqueeze", [x], [x.shape], [out], attrs=attrs))
 
 
@@ -1331,7 +1636,11 @@ def _h_resize(self: _Importer, nd: Any, ins: list[_Value]) -> list[_Value]:
         ctm = "asymmetric"
     out = self._nhwc(x.shape[0], oh, ow, self._c(x.shape))
     attrs = {"coordinate_transformation_mode": ctm, "mode": mode}
-    return list(self.emit(nd, "Resize", [x], [x.shape], [out], attrs=attrs))
+    if mode == "nearest" and ctm == "asymmetric":
+        attrs["nearest_mode"] = "floor"  # TF's legacy nearest neighbour
+    sizes = _Const(f"{nd.name}/sizes", (4,), "int64", array=np.array(self.cg_shape(out)))
+    operands = [x, None, None, self.const_key(sizes)]
+    return list(self.emit(nd, "Resize", [x], [x.shape], [out], attrs=attrs, operands=operands))
 
 
 def _strided_index(
@@ -1365,7 +1674,8 @@ def _h_strided_slice(self: _Importer, nd: Any, ins: list[_Value]) -> list[_Value
     x = self.materialize(x)
     # Slice a zero-stride view: the shape without allocating the tensor.
     out = tuple(int(d) for d in np.broadcast_to(np.zeros((), np.int8), x.shape)[index].shape)
-    return list(self.emit(nd, "Slice", [x], [x.shape], [out]))
+    attrs = self._slice_attrs(index, x.shape, out)
+    return list(self.emit(nd, "Slice", [x], [x.shape], [out], attrs=attrs))
 
 
 def _h_slice(self: _Importer, nd: Any, ins: list[_Value]) -> list[_Value]:
@@ -1377,7 +1687,8 @@ def _h_slice(self: _Importer, nd: Any, ins: list[_Value]) -> list[_Value]:
         return self._fold(nd, np.asarray(x.value())[index])
     x = self.materialize(x)
     out = tuple(int(d) for d in np.broadcast_to(np.zeros((), np.int8), shape)[index].shape)
-    return list(self.emit(nd, "Slice", [x], [x.shape], [out]))
+    attrs = self._slice_attrs(index, x.shape, out)
+    return list(self.emit(nd, "Slice", [x], [x.shape], [out], attrs=attrs))
 
 
 def _h_split(self: _Importer, nd: Any, ins: list[_Value]) -> list[_Value]:
@@ -1461,6 +1772,7 @@ def _gather_node(self: _Importer, nd: Any, x: _Value, idx: _Value, axis: int) ->
             self.emit(
                 nd, "Gather", [i], [x.shape, i.shape], [out], [x.dtype],
                 attrs={"axis": 0}, params=x.size, param_names=[x.name],
+                operands=[self.const_key(x, param=True), i],
             )
         )  # fmt: skip
     x = self.materialize(x)
@@ -1469,7 +1781,12 @@ def _gather_node(self: _Importer, nd: Any, x: _Value, idx: _Value, axis: int) ->
     out = (*x.shape[:ax], *ishape, *x.shape[ax + 1 :])
     data = [x] + ([self.materialize(idx)] if isinstance(idx, _Sym) else [])
     attrs = {"axis": self.cg_axis(ax, len(x.shape))}
-    return list(self.emit(nd, "Gather", data, [x.shape, ishape], [out], attrs=attrs))
+    if self.nhwc and len(x.shape) == 4 and len(out) != 4:
+        attrs = {"axis": ax, "_perm_in": list(_NCHW_TO_NHWC)}  # gather on the NHWC view
+    operands = [x, self.operand(idx)]
+    return list(
+        self.emit(nd, "Gather", data, [x.shape, ishape], [out], attrs=attrs, operands=operands)
+    )
 
 
 _HANDLERS: dict[str, Callable[[_Importer, Any, list[_Value]], list[_Value]]] = {

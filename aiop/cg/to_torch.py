@@ -7,6 +7,10 @@ carries no weights, e.g. under ``FakeTensorMode`` for the meta profiler), and
 training-mode behaviour (BatchNorm batch statistics, Dropout) follows the
 module's ``train()``/``eval()`` as in the original framework.
 
+Frozen TF graphs build the same way: their importer writes ONNX semantics
+into ``Node.op``, the operands and ONNX-layout weights (see
+:mod:`aiop.cg.tf_import`), and the module takes NCHW inputs like the CG says.
+
 Three export patterns are fused back into the op the network ran, so that
 autograd saves the same tensors as the original (memory fidelity):
 ``MatMul(x, W) + b`` → ``F.linear`` (torch's export of ``nn.Linear`` on 3-D
@@ -35,10 +39,17 @@ graph's own batch nothing changes.
 Lifetimes (``lifetimes="locals"``, the default): intermediate tensors are
 dropped when the original Python code would have dropped them, read from the
 exporter's module scopes: an argument of a module call lives until the call
-returns, a child module's result used by its parent's own code lives until the
-parent returns, anything else dies after its last use (``"last_use"`` for that
-everywhere). This is what makes the rebuilt module's peak match the original's
-when a frozen backbone runs without autograd (no saved tensors to dominate).
+returns, a child module's result used by its parent's return expression (the
+parent's last own op) lives until the parent returns, anything else dies after
+its last use (``"last_use"`` for that everywhere). This is what makes the
+rebuilt module's peak match the original's when a frozen backbone runs without
+autograd (no saved tensors to dominate).
+
+Parameters the original read as attributes of a module it never called
+(``torch.cat([self.tokens.cls_token, x])``: the node's scope is not the
+parameter's module) are owned by a holder module of that name that is never
+called, so freezing, which counts parameterised modules in the order a forward
+calls them, counts the same layers as on the original.
 
 ``make_batch``/``loss``: random inputs of the graph's shapes at any batch
 (float inputs ~ N(0, 1); integer inputs uniform below the embedding table's
@@ -69,6 +80,7 @@ from aiop.cg.torch_ops import (
     build_generic,
     build_matmul,
     check_buildable,
+    onnx_ops,
     op_name,
     set_param,
     tensor_shapes,
@@ -570,6 +582,7 @@ def to_torch(
     if lifetimes not in ("locals", "last_use"):
         raise CGError(f"lifetimes must be 'locals' or 'last_use', not {lifetimes!r}")
     check_buildable(cg)
+    cg = onnx_ops(cg)
     if not cg.inputs:
         raise CGError(f"graph {cg.name or '(unnamed)'} has no inputs to build a module from")
     if weights == "file":
@@ -671,9 +684,11 @@ def _assemble(
         if k != last_use.get(t) and t not in keep:
             freed_at.setdefault(k, []).append(t)
 
+    borrowed = _attribute_params(cg, steps, built)
+
     def name_for(k: int, holder: nn.Module, strip: str) -> str:
         s = steps[k]
-        params = _step_params(cg, s)
+        params = [p for p in _step_params(cg, s) if p not in borrowed.get(k, {})]
         base = ""
         if params:
             path = params[0].rsplit(".", 1)[0] if "." in params[0] else ""
@@ -712,12 +727,14 @@ def _assemble(
         plan = []
         for k in range(lo, hi):
             holder, cname, strip = container_for(k, default)
+            first_use.setdefault(cname, k)
             attr = name_for(k, holder, strip)
             holder.add_module(attr, built[k])
             s = steps[k]
             plan.append((cname, attr, s.inputs, s.outputs, free_after(k, lo, hi)))
         return plan
 
+    first_use: dict[str, int] = {}
     module._pre = region(0, pre_end, "stem")
     graph_inputs = set(module._input_names)
     for b in range(1, len(bounds) - 2):
@@ -746,6 +763,110 @@ def _assemble(
             raise CGError("internal: blocks without a stem")  # pragma: no cover
         module._post_in = _live_at(steps, post_start, last_use, keep)
     module._post = region(post_start, n, "head")
+    first_use.setdefault("blocks", bounds[1])
+    _register_holders(module, built, borrowed, blocknet, used_names, first_use)
+    # Top-level modules in the order the graph first uses them: the registration order of
+    # the original (aiop's __init__s define layers in forward order), which is where
+    # never-called modules rank in forward_order.
+    order = sorted(module._modules, key=lambda name: first_use.get(name, n))
+    module._modules = {name: module._modules[name] for name in order}
+
+
+def _attribute_params(
+    cg: ComputeGraph, steps: list[_Step], built: list[nn.Module]
+) -> dict[int, dict[str, str]]:
+    """Parameters the original read as attributes of a module it never called.
+
+    Step index → {parameter name → FnOp attribute}. The exporter's scope says
+    which module's code ran a node: a parameter ``a.b.leaf`` used by a node whose
+    scope is not ``a.b`` (or inside it), e.g. CLIP's ``stem.tokens.cls_token`` in
+    ``stem``'s code, belongs to a module the original never called. Needs the
+    module scopes and dotted parameter names of a PyTorch export; empty otherwise.
+    """
+    out: dict[int, dict[str, str]] = {}
+    if not _scopes_name_modules(cg, steps):
+        return out
+    for k, (s, mod) in enumerate(zip(steps, built)):
+        if not isinstance(mod, FnOp) or not mod.param_consts:
+            continue
+        scope = (s.fused[-1] if s.fused else s.node).scope.replace("/", ".")
+        for attr, cname in mod.param_consts.items():
+            const = cg.constants.get(cname)
+            names = [cname] if _CLEAN.match(cname) else (const.param_names if const else [])
+            if len(names) != 1 or not _CLEAN.match(names[0]):
+                continue
+            path = names[0].rsplit(".", 1)[0]
+            if scope == path or scope.startswith(path + "."):
+                continue
+            out.setdefault(k, {})[names[0]] = attr
+    return out
+
+
+def _scopes_name_modules(cg: ComputeGraph, steps: list[_Step]) -> bool:
+    """Whether node scopes follow parameter names (``a/b`` runs module ``a.b``): true of
+    TorchScript-style exports, where most weighted nodes sit in their module's scope."""
+    hits = total = 0
+    for s in steps:
+        params = [p for p in _step_params(cg, s) if _CLEAN.match(p)]
+        if not params:
+            continue
+        total += 1
+        scope = (s.fused[-1] if s.fused else s.node).scope.replace("/", ".")
+        path = params[0].rsplit(".", 1)[0]
+        hits += scope == path or scope.startswith(path + ".")
+    return total > 0 and hits * 2 > total
+
+
+def _register_holders(
+    module: GraphModule,
+    built: list[nn.Module],
+    borrowed: dict[int, dict[str, str]],
+    blocknet: bool,
+    used_names: dict[int, set[str]],
+    first_use: dict[str, int],
+) -> None:
+    """Give each borrowed parameter an owner named after the original module (never called)."""
+    holders: dict[str, nn.Module] = {}
+    for k in sorted(borrowed):
+        mod = built[k]
+        assert isinstance(mod, FnOp)
+        for pname, attr in borrowed[k].items():
+            path, leaf = pname.rsplit(".", 1)
+            holder = holders.get(path)
+            if holder is None:
+                holder = holders[path] = _new_holder(module, path, blocknet, used_names)
+                first_use.setdefault(path.split(".")[0], k)
+            param = getattr(mod, attr)
+            if leaf not in holder._parameters:
+                holder.register_parameter(leaf, param)
+            mod.borrow(attr, holder, leaf)
+
+
+def _new_holder(
+    module: GraphModule, path: str, blocknet: bool, used_names: dict[int, set[str]]
+) -> nn.Module:
+    parts = path.split(".")
+    parent: nn.Module = module
+    rest = parts
+    if blocknet and len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit():
+        if int(parts[1]) < len(module.blocks):
+            parent, rest = module.blocks[int(parts[1])], parts[2:]
+    elif len(parts) > 1 and (parts[0] in ("stem", "head") or parts[0] not in _RESERVED):
+        child = getattr(module, parts[0], None) if parts[0].isidentifier() else None
+        if child is None and parts[0].isidentifier() and parts[0] not in _RESERVED:
+            child = nn.Module()
+            module.add_module(parts[0], child)
+        if isinstance(child, nn.Module) and not isinstance(child, nn.ModuleList):
+            parent, rest = child, parts[1:]
+    base = _sanitize("_".join(rest)) if rest else "params"
+    taken = used_names.setdefault(id(parent), set())
+    name, i = base, 2
+    while name in taken or hasattr(parent, name) or (parent is module and name in _RESERVED):
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    holder = nn.Module()
+    parent.add_module(name, holder)
+    return holder
 
 
 def _release_points(steps: list[_Step], last_use: dict[str, int], lifetimes: str) -> dict[str, int]:
@@ -756,8 +877,11 @@ def _release_points(steps: list[_Step], last_use: dict[str, int], lifetimes: str
     scopes: a tensor handed into a module call stays referenced by the caller
     until that call returns (``y = self.depthwise(y)`` keeps the old ``y`` while
     the depthwise block runs), and a tensor a module's own code receives from a
-    child module is a local of that module until it returns (``out =
-    self.conv3(...)``; ``identity = self.downsample(x)``).
+    child module and uses in its return expression (its last own op) is a local
+    of that module until it returns (``out = self.conv3(...)``; ``identity =
+    self.downsample(x)``; ``return self.act(out + identity)``). One used by an
+    earlier own op is a temporary (``x = x + self.attn(self.norm1(x))``) and
+    dies at its last use.
     """
     release = dict(last_use)
     if lifetimes == "last_use":
@@ -768,6 +892,7 @@ def _release_points(steps: list[_Step], last_use: dict[str, int], lifetimes: str
     for k, sc in enumerate(scopes):
         for i in range(1, len(sc) + 1):
             end[sc[:i]] = k
+    own_last = {sc: k for k, sc in enumerate(scopes)}  # c's last op in c's own code
     producer = {o: k for k, s in enumerate(steps) for o in s.outputs if o}
     for k, s in enumerate(steps):
         c = scopes[k]
@@ -781,7 +906,11 @@ def _release_points(steps: list[_Step], last_use: dict[str, int], lifetimes: str
                 i += 1
             if i < len(c):  # an argument of the call to module c[:i+1]
                 hold = end.get(c[: i + 1], k)
-            elif len(p) > len(c):  # a child's result, used by c's own code
+            elif len(p) > len(c) and own_last.get(c) == k:
+                # A child's result used by c's return expression: a named local
+                # (``out``, ``identity`` in ``return self.act(out + identity)``)
+                # lives until c returns. Used earlier, it is a temporary
+                # (``x = x + self.attn(...)``) or rebound, and dies at its last use.
                 hold = end.get(c, k)
             else:
                 continue

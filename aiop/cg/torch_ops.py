@@ -20,7 +20,7 @@ import logging
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -185,7 +185,15 @@ class FnOp(nn.Module):
 
     ``slots`` maps every ONNX input position to where its value comes from:
     ``("x", k)`` the k-th runtime argument, ``("t", attr)`` a parameter or
-    buffer of this module, ``("v", value)`` a literal, ``("n", None)`` absent.
+    buffer of this module, ``("h", (k, attr))`` a parameter of the k-th
+    *holder* (a module elsewhere in the tree that owns it, see
+    :meth:`borrow`), ``("v", value)`` a literal, ``("n", None)`` absent.
+    ``param_consts`` names the graph constant behind each parameter attribute.
+
+    Ops of TF graphs whose meaning depends on NHWC element order (a Reshape of a
+    feature map, a rank-changing Squeeze or slice) carry ``_perm_in`` (applied to
+    their 4-D runtime inputs) and ``_perm_out`` (applied to a result of that rank):
+    the op runs on the NHWC view and hands back the CG's NCHW layout.
     """
 
     def __init__(self, op: str, fn: Callable[..., Any], attrs: dict[str, Any]) -> None:
@@ -195,19 +203,47 @@ class FnOp(nn.Module):
         self.attrs = dict(attrs)
         self.slots: list[tuple[str, Any]] = []
         self.runtime: Runtime | None = None
+        self.param_consts: dict[str, str] = {}
+        # Plain list, not submodules: the holders are registered where they belong.
+        self._holders: list[nn.Module] = []
+
+    def borrow(self, attr: str, holder: nn.Module, leaf: str) -> None:
+        """Read parameter ``attr`` from ``holder.leaf`` instead of owning it.
+
+        An original network that reads a parameter as an attribute
+        (``torch.cat([self.tokens.cls_token, x])``) never calls the module that
+        owns it; a holder that is never called keeps that module's place in
+        :func:`~aiop.mconfig.apply.forward_order` (last) and its parameters
+        together, so freezing counts the same layers.
+        """
+        del self._parameters[attr]
+        self.param_consts.pop(attr, None)
+        if not any(h is holder for h in self._holders):
+            self._holders.append(holder)
+        k = next(i for i, h in enumerate(self._holders) if h is holder)
+        self.slots = [("h", (k, leaf)) if s == ("t", attr) else s for s in self.slots]
 
     def forward(self, *xs: Any) -> Any:
         ins: list[Any] = []
+        perm_in = self.attrs.get("_perm_in")
+        if perm_in is not None:  # a TF graph's NHWC op: its 4-D inputs back to NHWC
+            xs = tuple(x.permute(*perm_in) if x.dim() == len(perm_in) else x for x in xs)
         for kind, ref in self.slots:
             if kind == "x":
                 ins.append(xs[ref])
             elif kind == "t":
                 ins.append(getattr(self, ref))
+            elif kind == "h":
+                ins.append(getattr(self._holders[ref[0]], ref[1]))
             elif kind == "v":
                 ins.append(ref)
             else:
                 ins.append(None)
-        return self.fn(self, ins)
+        out = self.fn(self, ins)
+        perm_out = self.attrs.get("_perm_out")
+        if perm_out is not None and isinstance(out, torch.Tensor) and out.dim() == len(perm_out):
+            out = out.permute(*perm_out)  # NHWC result shown in the CG's NCHW layout
+        return out
 
     def extra_repr(self) -> str:
         return self.op
@@ -243,6 +279,7 @@ def fn_op(spec: OpSpec, fn: Callable[..., Any], literal: Sequence[int] = ()) -> 
                 param = new_param(spec, pos, default=1.0 if node.op in ("Mul", "Div") else None)
                 spec.shared[name] = param
             mod.register_parameter(attr, param)
+            mod.param_consts[attr] = name
             mod.slots.append(("t", attr))
             continue
         v = spec.value(pos)
@@ -464,6 +501,8 @@ def _concat(m: FnOp, ins: list[Any]) -> Any:
         and any(t.shape[0] == rt.batch for t in ts)
     ):
         ts = [t.expand(rt.batch, *t.shape[1:]) if t.shape[0] == rt.cg_batch == 1 else t for t in ts]
+    if m.attrs.get("new_axis"):  # TF Pack: stack along a new axis
+        return torch.stack(ts, dim=_axis(m.attrs.get("axis", 0), ts[0].dim() + 1))
     return torch.cat(ts, dim=axis)
 
 
@@ -633,8 +672,9 @@ def _slice(m: FnOp, ins: list[Any]) -> Any:
         starts, ends = ints(ins[1]), ints(ins[2])
         axes = ints(ins[3]) if len(ins) > 3 else None
         steps = ints(ins[4]) if len(ins) > 4 else None
-    else:  # opset < 10: attributes
-        starts, ends, axes, steps = m.attrs["starts"], m.attrs["ends"], m.attrs.get("axes"), None
+    else:  # opset < 10 (and TF slices): attributes
+        starts, ends, axes = m.attrs["starts"], m.attrs["ends"], m.attrs.get("axes")
+        steps = m.attrs.get("steps")
     assert starts is not None and ends is not None
     axes = axes or list(range(len(starts)))
     steps = steps or [1] * len(starts)
@@ -651,6 +691,12 @@ def _slice(m: FnOp, ins: list[Any]) -> Any:
             e = max(-1, min(n - 1, e + n if e < 0 else e))
             idx = torch.arange(s, e, st, device=x.device)
             out = out.index_select(a, idx)
+    shape = m.attrs.get("_out_shape")
+    if shape is not None:  # TF StridedSlice's shrink/new axes: the result's own rank
+        rest = [int(d) for d in shape[1:]]
+        keeps = m.attrs.get("_keeps_batch") and math.prod(rest) > 0
+        # -1, not out.shape[0]: a traced export keeps static shapes
+        out = out.reshape(-1 if keeps else int(shape[0]), *rest)
     return out
 
 
@@ -661,7 +707,9 @@ def _step_slice(x: torch.Tensor, axis: int, s: int, e: int, step: int) -> torch.
 
 
 def _cast(m: FnOp, ins: list[Any]) -> Any:
-    return ins[0].to(_ONNX_ELEM.get(m.attrs.get("to", 1), torch.float32))
+    to = m.attrs.get("to", 1)
+    dtype = _TORCH_DTYPES.get(to) if isinstance(to, str) else _ONNX_ELEM.get(to)  # TF: a name
+    return ins[0].to(dtype or torch.float32)
 
 
 def _where(m: FnOp, ins: list[Any]) -> Any:
@@ -907,6 +955,9 @@ def _resize(m: FnOp, ins: list[Any]) -> Any:
                 x, size=size, scale_factor=None if size else sf, mode="nearest-exact"
             )
         return F.interpolate(x, size=size, scale_factor=None if size else sf, mode="nearest")
+    if mode == "linear" and ctm == "asymmetric" and nd == 2:
+        out_hw = size or [math.floor(n * f) for n, f in zip(x.shape[2:], sf or [])]
+        return _asymmetric_bilinear(x, [int(v) for v in out_hw])
     tmode = {1: "linear", 2: "bilinear", 3: "trilinear"}[nd] if mode == "linear" else "bicubic"
     align = ctm == "align_corners"
     # torch's default (recompute_scale_factor=None) matches ONNX half_pixel with the given scales
@@ -915,12 +966,33 @@ def _resize(m: FnOp, ins: list[Any]) -> Any:
     )
 
 
+def _asymmetric_bilinear(x: torch.Tensor, out_hw: list[int]) -> torch.Tensor:
+    """Bilinear resize sampling source ``i · in / out`` (TF1's default ``ResizeBilinear``,
+    ONNX ``asymmetric``), which ``F.interpolate`` has no mode for: separable, by gathers."""
+    y = x
+    for axis, n_out in zip((2, 3), out_hw):
+        n_in = y.shape[axis]
+        src = torch.arange(n_out, device=x.device, dtype=torch.float64) * (n_in / n_out)
+        lo = src.floor().long().clamp(max=n_in - 1)
+        hi = (lo + 1).clamp(max=n_in - 1)
+        shape = [1] * y.dim()
+        shape[axis] = n_out
+        frac = (src - lo).to(x.dtype).reshape(shape)
+        y = y.index_select(axis, lo) * (1 - frac) + y.index_select(axis, hi) * frac
+    return y
+
+
 def _numel(v: Any) -> int:
     return int(v.numel() if isinstance(v, torch.Tensor) else np.asarray(v).size)
 
 
 def _matmul(m: FnOp, ins: list[Any]) -> Any:
-    return torch.matmul(ins[0], ins[1])
+    a, b = ins[0], ins[1]
+    if m.attrs.get("_adj_a"):  # TF BatchMatMul's adj_x / MatMul's transpose_a
+        a = a.transpose(-1, -2)
+    if m.attrs.get("_adj_b"):
+        b = b.transpose(-1, -2)
+    return torch.matmul(a, b)
 
 
 def _gemm(m: FnOp, ins: list[Any]) -> Any:
@@ -997,6 +1069,15 @@ def _cumsum(m: FnOp, ins: list[Any]) -> Any:
     return torch.cumsum(x, int(_as_tensor(axis)))
 
 
+def _floor_div(m: FnOp, ins: list[Any]) -> Any:
+    return torch.div(ins[0], ins[1], rounding_mode="floor")
+
+
+def _squared_difference(m: FnOp, ins: list[Any]) -> Any:
+    d = ins[0] - ins[1]
+    return d * d
+
+
 def _mod(m: FnOp, ins: list[Any]) -> Any:
     a, b = ins
     return torch.fmod(a, b) if m.attrs.get("fmod", 0) else torch.remainder(a, b)
@@ -1009,7 +1090,7 @@ def _bn_fn(m: FnOp, ins: list[Any]) -> Any:
 
 
 FUNCTIONS: dict[str, Callable[[FnOp, list[Any]], Any]] = {
-    "Add": _binary(torch.add),
+    "Add": _variadic(torch.add),  # TF's AddN imports as an Add of N inputs
     "Sub": _binary(torch.sub),
     "Mul": _binary(torch.mul),
     "Div": _div,
@@ -1027,6 +1108,10 @@ FUNCTIONS: dict[str, Callable[[FnOp, list[Any]], Any]] = {
     "Or": _binary(torch.logical_or),
     "Xor": _binary(torch.logical_xor),
     "Mod": _mod,
+    "FloorDiv": _floor_div,
+    "SquaredDifference": _squared_difference,
+    "Rsqrt": _unary(torch.rsqrt),
+    "Square": _unary(torch.square),
     "Not": _not,
     "Relu": _unary(F.relu),
     "LeakyRelu": _leaky_relu,
@@ -1148,8 +1233,28 @@ def op_name(node: Node) -> str:
     return src.split("::")[-1] if src.startswith(("com.microsoft::", "ai.onnx::")) else src
 
 
+def onnx_ops(cg: ComputeGraph) -> ComputeGraph:
+    """``cg`` with every node's ``source_op`` the ONNX op it runs.
+
+    ONNX imports already are; a TF graph (``source == "tf"``) keeps TF's op in
+    ``source_op`` ("Conv2D", TF's ``Mean``, ``Split`` with the axis first) while
+    the importer wrote ONNX semantics into ``op``, inputs and constants. Ops the
+    TF importer did not know stay unbuildable as ``tf::Op`` (a TF ``Where`` is
+    not ONNX's).
+    """
+    if cg.source != "tf":
+        return cg
+    unknown = set(cg.meta.get("unknown_ops", ()))
+    nodes = [
+        replace(n, source_op=f"tf::{n.source_op}" if n.source_op in unknown else n.op)
+        for n in cg.nodes
+    ]
+    return replace(cg, nodes=nodes)
+
+
 def unsupported_ops(cg: ComputeGraph) -> dict[str, int]:
     """Ops of ``cg`` that cannot be built, with their node counts."""
+    cg = onnx_ops(cg)
     bad: dict[str, int] = {}
     for n in cg.nodes:
         if n.op == "Input":
@@ -1165,7 +1270,7 @@ def check_buildable(cg: ComputeGraph) -> None:
     if cg.nodes and not any(n.inputs for n in cg.nodes if n.op != "Input"):
         raise CGError(
             f"graph {cg.name or '(unnamed)'} has no operands to build from "
-            "(its nodes record no input tensors, as TF .pb imports do for now)"
+            "(its nodes record no input tensors; re-import it with this aiop)"
         )
     bad = unsupported_ops(cg)
     if bad:
@@ -1244,17 +1349,37 @@ def build_conv_transpose(spec: OpSpec) -> nn.Module:
     groups = int(spec.attrs.get("group", 1))
     pads = list(spec.attrs.get("pads", [0] * (2 * nd)))
     out_pad = list(spec.attrs.get("output_padding", [0] * nd))
-    if pads[:nd] != pads[nd:]:
-        raise CGError(f"{spec.node.name}: ConvTranspose with asymmetric pads is not supported")
+    begin, end = pads[:nd], pads[nd:]
+    # torch pads both ends alike: pad by the smaller amount, crop the rest (TF's SAME at
+    # stride 2 crops one row/column at the end)
+    common = [min(b, e) for b, e in zip(begin, end)]
+    crop = [(b - c, e - c) for b, e, c in zip(begin, end, common)]
     cls = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[nd]
     conv = cls(
-        w_shape[0], w_shape[1] * groups, kernel, strides, pads[:nd], out_pad, groups,
+        w_shape[0], w_shape[1] * groups, kernel, strides, common, out_pad, groups,
         bias=spec.present(2), dilation=dil,
     )  # fmt: skip
     set_param(conv, "weight", spec, 1, w_shape)
     if spec.present(2):
         set_param(conv, "bias", spec, 2)
-    return conv
+    return CroppedConvTranspose(conv, crop) if any(any(c) for c in crop) else conv
+
+
+class CroppedConvTranspose(nn.Module):
+    """A transposed convolution with ONNX's asymmetric ``pads``: the output cropped per side
+    (a view of the full output, which is what stays allocated)."""
+
+    def __init__(self, conv: nn.Module, crop: list[tuple[int, int]]) -> None:
+        super().__init__()
+        self.conv = conv
+        self.crop = crop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        for axis, (b, e) in enumerate(self.crop, start=2):
+            if b or e:
+                y = y.narrow(axis, b, y.shape[axis] - b - e)
+        return y
 
 
 class Linear(nn.Linear):
