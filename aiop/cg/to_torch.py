@@ -973,4 +973,5 @@ def module_factory(
         return to_torch(cg)
 
     factory.__name__ = cg.name or "graph"
+    factory.cg = cg  # type: ignore[attr-defined]  # the profiler counts FLOPs on the file's graph
     return factory

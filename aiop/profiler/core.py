@@ -176,6 +176,13 @@ def resolve_model(
     )
 
 
+def _per_sample_flops(cg: Any) -> tuple[int, int]:
+    """(forward FLOPs of one sample, params) of a file's graph, whatever its batch size."""
+    batch = cg.inputs[0].shape[0] if cg.inputs and cg.inputs[0].shape else 1
+    batch = batch if isinstance(batch, int) and batch > 0 else 1
+    return round(cg.total_flops / batch), int(cg.total_params)
+
+
 def profile(
     model: ModelArg,
     config: MConfig | str,
@@ -252,7 +259,12 @@ def profile(
             t0 = time.perf_counter()
             cpu_model = real if mode != "cuda" else copy.deepcopy(real).cpu()
             disable_checkpointing(cpu_model)  # export and count the plain forward
-            count: FlopsCount = count_flops(cpu_model, resolution)
+            file_cg = getattr(meta_factory, "cg", None)
+            # A user's file already is a graph: count on it rather than re-exporting the
+            # rebuilt module (whose export loses the file's static shapes).
+            count: FlopsCount = count_flops(cpu_model, resolution, use_cg=file_cg is None)
+            if file_cg is not None:
+                count.flops_cg, count.params_cg = _per_sample_flops(file_cg)
             if plan.segments and cpu_model is real:
                 enable_checkpointing(real, plan.segments)
             result.flops = count.flops
