@@ -141,7 +141,7 @@ def _other(node: Node, name: str) -> str | None:
     return node.inputs[1] if node.inputs[0] == name else node.inputs[0]
 
 
-def _fusions(cg: ComputeGraph) -> dict[int, tuple[str, list[int], dict[str, Any]]]:
+def fusions(cg: ComputeGraph) -> dict[int, tuple[str, list[int], dict[str, Any]]]:
     """Node index of the last node of a fused pattern → (op, all node indices, info)."""
     cons = _consumers(cg)
     nodes = cg.nodes
@@ -218,7 +218,7 @@ def _fusions(cg: ComputeGraph) -> dict[int, tuple[str, list[int], dict[str, Any]
 
 
 def _plan_steps(cg: ComputeGraph) -> list[_Step]:
-    fused = _fusions(cg)
+    fused = fusions(cg)
     inner = {k for _, idx, _ in fused.values() for k in idx}
     steps: list[_Step] = []
     for i, n in enumerate(cg.nodes):

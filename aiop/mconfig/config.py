@@ -63,7 +63,9 @@ VECTOR_NAMES: tuple[str, ...] = (
 _NORM_OPS = frozenset(
     {"BatchNormalization", "GroupNormalization", "LayerNormalization", "InstanceNormalization"}
 )
-_BLOCK_RE = re.compile(r"(?:^|[./])blocks[./](\d+)(?:[./]|$)")
+# ``model.blocks.N`` only: anchored so that a sub-model's ``text.blocks.N`` (CLIP's
+# text tower) is not taken for the checkpointed image blocks.
+_BLOCK_RE = re.compile(r"^/?blocks[./](\d+)(?:[./]|$)")
 
 
 class MConfigError(ValueError):
@@ -250,16 +252,23 @@ class MConfig:
         # The epsilon keeps 0.3 * 10 = 3.0000000000000004 from flipping on float noise.
         return min(n_units, math.floor(self.freeze * n_units + 0.5 + 1e-9))
 
-    def node_flags(self, cg: _GraphLike, plan: Any = None) -> dict[str, list[bool]]:
+    def node_flags(
+        self, cg: _GraphLike, plan: Any = None, blocks: list[int | None] | None = None
+    ) -> dict[str, list[bool]]:
         """Per-node ``trainable`` and ``recomputed`` flags of a CG under this config.
 
         With a :class:`~aiop.mconfig.apply.Plan` (what :func:`~aiop.mconfig.apply.prepare`
         returned for the model the CG was exported from) the flags follow its
         trainable parameter names and checkpoint segments exactly. Without one they
         are derived from the CG alone with the same rules (see :func:`cg_plan`).
+        ``blocks`` may pass :func:`node_blocks` of ``cg`` when the caller has it already.
         """
         nodes = list(cg.nodes)
-        if plan is not None:
+        if blocks is None:
+            blocks = node_blocks(cg)
+        if plan is None:
+            node_trainable, segments = cg_plan(self, cg, blocks)
+        else:
             trainable_names = set(plan.trainable_params)
             segments = [tuple(s) for s in plan.segments]
             node_trainable = [
@@ -269,10 +278,7 @@ class MConfig:
             # Parameter names missing from the plan (e.g. an ONNX export that renamed
             # initialisers) would freeze everything: fall back to the CG rules then.
             if any(n.params > 0 for n in nodes) and not any(node_trainable) and trainable_names:
-                node_trainable, segments = cg_plan(self, cg)
-        else:
-            node_trainable, segments = cg_plan(self, cg)
-        blocks = node_blocks(cg)
+                node_trainable, segments = cg_plan(self, cg, blocks)
         recomputed_blocks = {b for start, stop in segments for b in range(start, stop)}
         trainable: list[bool] = []
         seen = False

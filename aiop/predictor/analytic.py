@@ -304,13 +304,13 @@ def graph_info(cg: ComputeGraph, last_uses: dict[tuple[int, int], int] | None = 
     # What the network runs where the export decomposed one op (x * sigmoid(x) is
     # SiLU, the Erf form GELU, MatMul + Add a linear layer): the patterns the
     # CG-to-PyTorch builder fuses back, found by its own matcher.
-    from aiop.cg.to_torch import _fusions
+    from aiop.cg.to_torch import fusions
 
     producer = {t: (i, p) for i, node in enumerate(cg.nodes) for p, t in enumerate(node.outputs)}
     eff_op = [node.op for node in cg.nodes]
     inner_of: dict[int, int] = {}
     linear_of: dict[int, int] = {}  # fused linear's last node -> its MatMul
-    for j, (kind, idx, extra) in _fusions(cg).items():
+    for j, (kind, idx, extra) in fusions(cg).items():
         for k in idx:
             if k != j:
                 inner_of[k] = j

@@ -363,7 +363,8 @@ class Predictor:
             torch.tensor(vectors, dtype=torch.float32),
             torch.tensor(analytic, dtype=torch.float32),
         )
-        flops = np.full(len(configs), float(cg.total_flops))
+        total_flops, total_params = int(cache.total_flops), int(cache.total_params)
+        flops = np.full(len(configs), float(total_flops))
         results: list[dict[str, Any]] = []
         decoded = {
             t: self.normalizers[t].inverse(out[t].numpy().astype(np.float64), flops) for t in out
@@ -379,8 +380,8 @@ class Predictor:
             r["breakdown"] = dict(est.breakdown)
             if "latency" in decoded:
                 r["latency_s"] = float(decoded["latency"][k])
-            r["flops"] = int(cg.total_flops)
-            r["params"] = int(cg.total_params)
+            r["flops"] = total_flops
+            r["params"] = total_params
             r["trainable_params"] = int(est.trainable_params)
             if "flops" in decoded:
                 r["flops_predicted"] = float(decoded["flops"][k])

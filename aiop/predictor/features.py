@@ -23,6 +23,7 @@ import torch
 from aiop.cg.graph import ComputeGraph
 from aiop.cg.pyg import FLAG_FEATURES, NUM_NODE_FEATURES, to_pyg
 from aiop.mconfig import MConfig
+from aiop.mconfig.config import node_blocks
 from aiop.predictor.analytic import MemoryEstimate, estimate_memory, structural_key
 
 ANALYTIC_NAMES: tuple[str, ...] = (
@@ -84,6 +85,7 @@ class GraphFeaturizer:
         self.max_graphs = max_graphs
         self._graphs: OrderedDict[str, ComputeGraph] = OrderedDict()
         self._base: dict[str, Any] = {}  # flag-free PyG graph per fingerprint
+        self._blocks: dict[str, list[int | None]] = {}  # node_blocks per fingerprint
         self._variants: OrderedDict[tuple[str, tuple], Any] = OrderedDict()
 
     def _variant(self, fingerprint: str, key: tuple) -> Any:
@@ -93,7 +95,11 @@ class GraphFeaturizer:
             base = self._base[fingerprint] = to_pyg(cg)
             del base.config  # the batch of configs is fed to the heads separately
         freeze, ckpt, method = key
-        flags = MConfig(batch_size=1, freeze=freeze, ckpt=ckpt, method=method).node_flags(cg)
+        blocks = self._blocks.get(fingerprint)
+        if blocks is None:
+            blocks = self._blocks[fingerprint] = node_blocks(cg)
+        config = MConfig(batch_size=1, freeze=freeze, ckpt=ckpt, method=method)
+        flags = config.node_flags(cg, blocks=blocks)
         data = base.clone()
         start = NUM_NODE_FEATURES - len(FLAG_FEATURES)
         for k, name in enumerate(FLAG_FEATURES):
@@ -108,6 +114,7 @@ class GraphFeaturizer:
         while len(self._graphs) > self.max_graphs:
             old, _ = self._graphs.popitem(last=False)
             self._base.pop(old, None)
+            self._blocks.pop(old, None)
             for k in [k for k in self._variants if k[0] == old]:
                 del self._variants[k]
 
