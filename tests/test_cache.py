@@ -606,3 +606,12 @@ def test_script(tmp_path):
     assert sorted(e["acc"] for e in entries) == [88.0, 96.0]
     usage = _script("-output", "x.db", cwd=tmp_path)
     assert usage.returncode == 2 and usage.stderr.count("\n") == 1
+
+
+def test_task_graphs_are_not_profiled_as_their_backbone():
+    from aiop.cache.errors import CacheError
+    from aiop.cache.runner import _factory
+
+    assert _factory({"model": "family:ofa_mbv3:0"}) == "family:ofa_mbv3:0"
+    with pytest.raises(CacheError, match="pose head"):
+        _factory({"model": "family:ofa_mbv3:0", "task": "pose"})

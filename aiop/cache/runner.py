@@ -125,6 +125,13 @@ def _factory(meta: dict[str, Any]) -> str | Callable[[], Any]:
     model = meta.get("model")
     if not model:
         raise CacheError("graph has no 'model' in its meta: cannot rebuild it to profile")
+    if meta.get("task"):
+        # A task graph is backbone + head; its 'model' names only the backbone, and
+        # profiling that would file the backbone's memory under the task graph.
+        raise CacheError(
+            f"graph of {model} with a {meta['task']} head: profile it with"
+            " scripts/run_train_cgs_on_task.py, not run_profiler.py"
+        )
     if str(model).startswith(("zoo:", "family:")):
         return str(model)
     path = Path(model)
