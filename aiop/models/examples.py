@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from aiop.models.base import BlockNet
+from aiop.models.layers import LiteSpec
 
 
 def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -45,6 +46,7 @@ class BasicBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, stride: int = 1):
         super().__init__()
+        self.in_channels, self.out_channels, self.stride = cin, cout, stride
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU(inplace=True)
@@ -55,6 +57,10 @@ class BasicBlock(nn.Module):
             if stride != 1 or cin != cout
             else nn.Identity()
         )
+
+    def lite_spec(self) -> LiteSpec:
+        """A residual conv block: TinyTL gives it a lite residual branch."""
+        return LiteSpec("conv", self.in_channels, self.out_channels, self.stride, 3)
 
     def forward(self, x):
         y = self.relu(self.bn1(self.conv1(x)))
