@@ -23,6 +23,9 @@ SPACE = MSpace(
     precisions=("fp32", "bf16"),
 )
 
+# ofa_mbv3:3 at 32 px ends at 1x1 with BatchNorms: micro-batch 1 cannot train it.
+N_TRAINABLE = sum(1 for c in SPACE if c.mb >= 2)
+
 
 @pytest.fixture(scope="module")
 def predictor() -> Any:
@@ -59,7 +62,7 @@ def test_plan_fits_budget_and_ranks(cg: Any, predictor: Any) -> None:
     peaks = sorted(c.peak_bytes for c in full.feasible)
     budget_mb = peaks[len(peaks) // 2] / MB  # half the candidates fit
     r = plan(cg, budget_mb, predictor, space=SPACE, top_k=5)
-    assert r.n_candidates == len(SPACE)
+    assert r.n_candidates == N_TRAINABLE
     assert 0 < r.n_feasible < r.n_candidates
     assert len(r.ranked) == min(5, r.n_feasible)
     for c in r.feasible:
@@ -118,9 +121,9 @@ def test_predictions_are_cached_per_graph(cg: Any, predictor: Any) -> None:
     clear_cache()
     wrapped = Counting(predictor)
     plan(cg, 50, wrapped, space=SPACE, strict=False)
-    assert wrapped.asked == len(SPACE)
+    assert wrapped.asked == N_TRAINABLE
     r = plan(cg, 10, wrapped, space=SPACE, strict=False)
-    assert wrapped.asked == len(SPACE) and r.cached
+    assert wrapped.asked == N_TRAINABLE and r.cached
 
 
 def test_predicted_accuracy_and_time_budget(cg: Any, predictor: Any) -> None:
@@ -195,8 +198,43 @@ def test_bounded_search_ranks_like_exhaustive(cg: Any, predictor: Any, fraction:
     clear_cache()
     b = plan(cg, budget, predictor, space=space, top_k=5, search="bounded", strict=False)
     assert [c.spec for c in a.ranked] == [c.spec for c in b.ranked]
-    assert b.n_evaluated <= a.n_evaluated == len(space)
+    trainable = sum(1 for c in space if c.mb >= 2)  # see N_TRAINABLE
+    assert b.n_evaluated <= a.n_evaluated == trainable
     if fraction == 1.0:
-        assert b.n_evaluated < len(space) / 4
+        assert b.n_evaluated < trainable / 4
     with pytest.raises(PlanError, match="unknown search"):
         plan(cg, budget, predictor, space=space, search="greedy")
+
+
+def test_micro_batches_a_batchnorm_cannot_train_on_are_never_planned(predictor: Any) -> None:
+    import torch
+    from torch import nn
+
+    from aiop.cg import from_torch
+    from aiop.mpopt.planner import min_micro_batch
+
+    class PooledBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.bn = nn.BatchNorm2d(8)  # one value per channel and sample
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(self.bn(self.pool(self.conv(x))), 1))
+
+    from aiop.models.examples import SmallCNN
+
+    assert min_micro_batch(from_torch(SmallCNN(), (1, *SmallCNN().input_size))) == 1
+    cg = from_torch(PooledBN(), (1, 3, 16, 16))
+    assert min_micro_batch(cg) == 2
+    # PyTorch indeed refuses micro-batch 1 there.
+    model = PooledBN().train()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        model(torch.randn(1, 3, 16, 16))
+    space = MSpace(batch_sizes=(4,), freezes=(0.0,), segments=(0,), precisions=("fp32",))
+    result = plan(cg, 1e6, predictor, space=space, top_k=100)
+    assert result.ranked and all(c.config.mb >= 2 for c in result.ranked)
+    with pytest.raises(PlanError, match="one value per channel"):
+        plan(cg, 1e6, predictor, candidates=["bs=4,mb=1"])

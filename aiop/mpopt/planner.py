@@ -236,6 +236,18 @@ def default_space(cg: ComputeGraph, batch_size: int = 64) -> MSpace:
     )
 
 
+def min_micro_batch(cg: ComputeGraph) -> int:
+    """The smallest micro-batch that can train ``cg``: 2 when a BatchNorm's input has
+    one value per channel and sample (e.g. after global pooling), since PyTorch raises
+    on one value per channel in training mode (frozen layers still normalise by batch
+    statistics), else 1."""
+    for node in cg.nodes:
+        bn = node.op == "BatchNormalization" and node.input_shapes
+        if bn and math.prod(node.input_shapes[0][2:]) <= 1:
+            return 2
+    return 1
+
+
 # -- margins and priors -------------------------------------------------------------
 
 
@@ -483,6 +495,14 @@ def plan(
     if not configs:
         raise PlanError(
             f"every candidate asks for more checkpoint segments than the {n_blocks} blocks"
+        )
+
+    min_mb = min_micro_batch(cg)
+    configs = [c for c in configs if c.mb >= min_mb]
+    if not configs:
+        raise PlanError(
+            f"every candidate trains micro-batches smaller than {min_mb}: a BatchNorm of this "
+            "graph sees one value per channel there, which PyTorch refuses to train"
         )
 
     has_bn = any(n.op == "BatchNormalization" for n in cg.nodes)
