@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from aiop.tasks.corruptions import CORRUPTIONS
 from aiop.tasks.digits import DataError
 from aiop.tasks.pose import NUM_KEYPOINTS
 
@@ -63,21 +64,7 @@ CIFAR10_CLASSES: tuple[str, ...] = (
 )
 # The 15 corruptions of Hendrycks & Dietterich (2019) and the 4 extra ones of the release.
 CIFAR10C_CORRUPTIONS: tuple[str, ...] = (
-    "gaussian_noise",
-    "shot_noise",
-    "impulse_noise",
-    "defocus_blur",
-    "glass_blur",
-    "motion_blur",
-    "zoom_blur",
-    "snow",
-    "frost",
-    "fog",
-    "brightness",
-    "contrast",
-    "elastic_transform",
-    "pixelate",
-    "jpeg_compression",
+    *CORRUPTIONS,
     "speckle_noise",
     "gaussian_blur",
     "spatter",

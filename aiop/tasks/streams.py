@@ -72,6 +72,18 @@ def _domains(*names: str) -> tuple[Domain, ...]:
     return tuple(Domain.parse(n) for n in names)
 
 
+# digits-c: one corruption of each CIFAR-10-C group and more, at changing severities.
+_DIGITS_C_SCHEDULE = _domains(
+    "clean",
+    "gaussian_noise-3",
+    "motion_blur-3",
+    "fog-4",
+    "contrast-4",
+    "impulse_noise-5",
+    "zoom_blur-3",
+    "snow-4",
+)
+
 STREAMS: dict[str, StreamSpec] = {
     s.name: s
     for s in (
@@ -79,16 +91,7 @@ STREAMS: dict[str, StreamSpec] = {
             "digits-c",
             "clean MNIST digits, then seven corruptions (one of each CIFAR-10-C group and more) "
             "at changing severities",
-            _domains(
-                "clean",
-                "gaussian_noise-3",
-                "motion_blur-3",
-                "fog-4",
-                "contrast-4",
-                "impulse_noise-5",
-                "zoom_blur-3",
-                "snow-4",
-            ),
+            _DIGITS_C_SCHEDULE,
         ),
         StreamSpec(
             "digits-c-all",
@@ -111,16 +114,7 @@ STREAMS: dict[str, StreamSpec] = {
         StreamSpec(
             "sklearn-digits-c",
             "the digits-c schedule over scikit-learn's 8x8 digits",
-            _domains(
-                "clean",
-                "gaussian_noise-3",
-                "motion_blur-3",
-                "fog-4",
-                "contrast-4",
-                "impulse_noise-5",
-                "zoom_blur-3",
-                "snow-4",
-            ),
+            _DIGITS_C_SCHEDULE,
             source="sklearn",
         ),
     )
