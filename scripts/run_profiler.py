@@ -11,6 +11,7 @@ killed run resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import logging
 import sys
@@ -36,13 +37,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-mode", default="meta", choices=["meta", "real", "cuda"])
     parser.add_argument("-configs", default="random:16", help="grid, random:N or 'spec;spec'")
     parser.add_argument("-reprofile", action="store_true", help="measure existing labels again")
-    parser.add_argument("-latency_steps", type=int, default=5)
+    parser.add_argument("-latency_steps", type=int, default=5, help="timed steps per config")
+    parser.add_argument("-latency_warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument(
+        "-batch_sizes",
+        type=int,
+        nargs="+",
+        default=[16, 64, 256],
+        help="batch sizes the -configs grid or random draw takes",
+    )
+    parser.add_argument(
+        "-select",
+        nargs="*",
+        default=None,
+        metavar="GLOB",
+        help="profile only the store's graphs whose name matches one of these globs, "
+        "e.g. 'family:*' (default: every graph)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        configs_for_graph("0", args.configs, 1)  # bad -configs fail before anything is written
+        if any(b < 1 for b in args.batch_sizes):
+            raise CacheError("-batch_sizes must be positive integers")
+        configs_for_graph(
+            "0", args.configs, 1, batch_sizes=args.batch_sizes
+        )  # bad -configs fail before anything is written
         models = list(args.models)
         for item in args.family_samples:
             family, _, n = item.partition(":")
@@ -52,13 +73,26 @@ def main(argv: list[str] | None = None) -> int:
         if models:
             with Store(args.cache_file) as store:
                 add_models(store, models, progress=not args.quiet)
+        graphs = None
+        if args.select is not None:
+            with Store(args.cache_file) as store:
+                graphs = [
+                    i.fingerprint
+                    for i in store.graphs()
+                    if any(fnmatch.fnmatchcase(i.name, g) for g in args.select)
+                ]
+            if not graphs:
+                raise CacheError(f"-select {' '.join(args.select)} matches no graph of the store")
         report = profile_store(
             args.cache_file,
             args.profiler,
             mode=args.mode,
             configs=args.configs,
             reprofile=args.reprofile,
+            graphs=graphs,
             latency_steps=args.latency_steps,
+            latency_warmup=args.latency_warmup,
+            batch_sizes=args.batch_sizes,
             progress=not args.quiet,
         )
     except KeyboardInterrupt:

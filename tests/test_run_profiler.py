@@ -68,6 +68,7 @@ def test_kill_minus_nine_then_resume_matches_uninterrupted(tmp_path):
         (b"not a database at all" * 10, [], "SQLite"),
         (None, ["-configs", "random:x"], "random:N"),
         (None, ["-configs", "bs=8,mb=3"], "mb=3"),
+        (None, ["-batch_sizes", "0"], "-batch_sizes"),
     ],
 )
 def test_bad_input_exits_2_and_keeps_the_file(tmp_path, payload, extra, message):
@@ -82,3 +83,28 @@ def test_bad_input_exits_2_and_keeps_the_file(tmp_path, payload, extra, message)
         assert store.read_bytes() == before
     else:
         assert not store.exists()  # nothing written
+
+
+@pytest.mark.slow
+def test_select_and_batch_sizes_pick_graphs_and_configs(tmp_path):
+    store = tmp_path / "s.db"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(SCRIPT), "-cache_file", str(store), "-q", "-profiler", "memory"]
+    add = subprocess.run(
+        [*cmd, "-models", "family:ofa_pn:1", "zoo:resnet18", "-configs", "bs=8", "-select", "none"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert (
+        add.returncode == 2 and "matches no graph" in add.stderr
+    )  # the graphs are added, not profiled
+    run = subprocess.run(
+        [*cmd, "-select", "family:*", "-configs", "random:2", "-batch_sizes", "8"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    with Store(store, readonly=True) as s:
+        names = {i.fingerprint: i.name for i in s.graphs()}
+        rows = list(s.labels(kind="peak_memory_bytes"))
+    assert len(names) == 2
+    assert {names[r.graph] for r in rows} == {"family:ofa_pn:1"}
+    assert len(rows) == 2 and all(r.config.startswith("bs=8,") for r in rows)

@@ -159,6 +159,8 @@ def profile_store(
     reprofile: bool = False,
     graphs: Sequence[str] | None = None,
     latency_steps: int = 5,
+    latency_warmup: int = 2,
+    batch_sizes: Sequence[int] = (16, 64, 256),
     progress: bool = True,
     on_record: Callable[[str, str], None] | None = None,
 ) -> RunReport:
@@ -182,7 +184,9 @@ def profile_store(
         work: list[tuple[str, str, dict[str, Any]]] = []
         for info in infos:
             cg = store.get_graph(info.fingerprint)
-            specs = configs_for_graph(info.fingerprint, configs, _n_blocks(cg))
+            specs = configs_for_graph(
+                info.fingerprint, configs, _n_blocks(cg), batch_sizes=batch_sizes
+            )
             todo = (
                 specs
                 if reprofile
@@ -223,6 +227,7 @@ def profile_store(
                     latency="latency" in profilers,
                     flops=False,
                     latency_steps=latency_steps,
+                    latency_warmup=latency_warmup,
                     name=str(meta.get("model", fp)),
                 )
             except (ValueError, RuntimeError) as exc:
