@@ -610,3 +610,38 @@ def test_child_results_held_only_by_the_return_expression() -> None:
     block_end = max(k for k, s in enumerate(steps) if s.node.scope.startswith("block"))
     assert release[f_out] == last[f_out]  # freed right after the add that uses it
     assert release[g_out] == block_end  # held until the block returns
+
+
+@pytest.mark.parametrize("spec", ["family:ofa_pn:1", "zoo:mobilevit_xxs"])
+def test_rebuilt_blocks_declare_the_originals_lite_spec(spec: str) -> None:
+    """TinyTL's lite methods wrap the same blocks of a rebuilt graph as of the original
+    (conv blocks, MobileViT's transformer-free MV2 blocks; not the others)."""
+    models = pytest.importorskip("aiop.models")
+    from aiop.cg import from_torch
+
+    original = models.build(spec, resolution=64)
+    rebuilt = to_torch(from_torch(original))
+
+    def specs(model: nn.Module) -> list[tuple | None]:
+        out = []
+        for block in model.blocks:
+            s = getattr(block, "lite_spec", lambda: None)()
+            out.append(None if s is None else (s.kind, s.in_channels, s.out_channels, s.stride))
+        return out
+
+    expected = specs(original)
+    assert any(e is not None for e in expected)
+    assert specs(rebuilt) == expected
+
+
+@pytest.mark.slow
+def test_lite_method_memory_of_rebuilt_graph_matches_original() -> None:
+    profiler = pytest.importorskip("aiop.profiler")
+    models = pytest.importorskip("aiop.models")
+    from aiop.cg import from_torch
+
+    cg = from_torch(models.build("zoo:resnet18", resolution=64))
+    for config in ("bs=8,method=lite", "bs=8,method=lite+bias,freeze=0.5,ckpt=1"):
+        a = profiler.profile("zoo:resnet18", config, mode="meta", flops=False, resolution=64)
+        b = profiler.profile(lambda: to_torch(cg), config, mode="meta", flops=False)
+        assert b.peak_memory_bytes == a.peak_memory_bytes

@@ -86,6 +86,7 @@ from aiop.cg.torch_ops import (
     tensor_shapes,
     unsupported_ops,
 )
+from aiop.models.layers import LiteSpec
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +274,29 @@ def _resolve_missing(cg: ComputeGraph, steps: list[_Step]) -> list[_Step]:
 # -- partition into stem / blocks / head -------------------------------------------------
 
 
+def block_lite_spec(
+    nodes: Sequence[Node], x: Sequence[int] | None, y: Sequence[int] | None
+) -> LiteSpec | None:
+    """Which lite residual TinyTL gives a block of ``nodes`` from input shape ``x`` to ``y``.
+
+    The rule the analytic memory model assumes for aiop's blocks
+    (:func:`aiop.predictor.analytic.with_lite_branches`): a convolutional block (NCHW in
+    and out, two or more convolutions, no attention — residual, inverted-residual and
+    dense layers, not transitions) takes a conv branch; a transformer block (B×N×D in and
+    out, attention and LayerNorm) a token branch; anything else none.
+    """
+    if x is None or y is None:
+        return None
+    ops = {n.op for n in nodes}
+    attention = "Softmax" in ops
+    if len(x) == 4 and len(y) == 4 and sum(n.op == "Conv" for n in nodes) >= 2 and not attention:
+        stride = max(1, round(x[2] / y[2])) if y[2] else 1
+        return LiteSpec("conv", int(x[1]), int(y[1]), stride)
+    if len(x) == 3 and tuple(x) == tuple(y) and attention and "LayerNormalization" in ops:
+        return LiteSpec("tokens", int(x[2]), int(y[2]))
+    return None
+
+
 def _label(param: str) -> str:
     parts = param.split(".")
     if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit():
@@ -401,6 +425,11 @@ class _Part(nn.Module):
         self._in: str = ""
         self._out: str = ""
         self._runtime: Runtime | None = None
+        self._lite: LiteSpec | None = None
+
+    def lite_spec(self) -> LiteSpec | None:
+        """What TinyTL's lite residual needs, read from the graph (see :func:`block_lite_spec`)."""
+        return self._lite
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         env = {self._in: x}
@@ -735,6 +764,7 @@ def _assemble(
         return plan
 
     first_use: dict[str, int] = {}
+    shapes = tensor_shapes(cg)
     module._pre = region(0, pre_end, "stem")
     graph_inputs = set(module._input_names)
     for b in range(1, len(bounds) - 2):
@@ -757,6 +787,12 @@ def _assemble(
             part._plan.append(("", attr, s.inputs, s.outputs, free_after(k, lo, hi)))
         part._in = _live_at(steps, lo, last_use, keep)
         part._out = _live_at(steps, hi, last_use, keep)
+        if blocknet:
+            part._lite = block_lite_spec(
+                [n for s in steps[lo:hi] for n in (s.node, *s.fused)],
+                shapes.get(part._in),
+                shapes.get(part._out),
+            )
     if pre_end > 0 or len(module.blocks):
         module._pre_out = _live_at(steps, max(pre_end, 1), last_use, keep) if pre_end else ""
         if not pre_end:
