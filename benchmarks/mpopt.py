@@ -2,11 +2,13 @@
 
     .venv/bin/python benchmarks/mpopt.py [--parts violations timing accuracy]
         [--models zoo:mobilenet_v2 zoo:resnet18 zoo:proxylessnas_mobile] [--budgets 30]
-        [--timing-candidates 48] [--accuracy-model zoo:mobilenet_v2] [--accuracy-budgets ...]
-        [--stream digits-c] [--steps-per-domain 8]
+        [--timing-candidates 48] [--accuracy-models zoo:mobilenet_v2 zoo:resnet18]
+        [--streams digits-c-short digits-c] [--accuracy-budgets ...] [--budget-unit mb|full]
+        [--steps-per-domain 8]
 
-Three parts, each written to ``benchmarks/results/mpopt.json`` and ``.md``
-(a part that is not run keeps its earlier result):
+Four parts, each written to ``benchmarks/results/mpopt.json`` and ``.md``
+with the command that produced it (a part that is not run keeps its earlier
+result and command):
 
 * ``violations``: for every model, random budgets (log-uniform between the
   smallest planned peak and 1.2× full fine-tuning's); the planner (shipped
@@ -18,6 +20,9 @@ Three parts, each written to ``benchmarks/results/mpopt.json`` and ``.md``
   process: by the predictor (cold cache), and by a profiling-based planner that
   measures every candidate (meta mode — faster than the real steps a device
   would run, so the ratio is conservative) and ranks with the same rules.
+* ``precision``: the real step time of bf16/fp16 autocast relative to fp32 on
+  this CPU, interleaved so that shared load falls on every precision alike
+  (the ``cpu`` device's ``precision_time``, :mod:`aiop.mpopt.device`).
 * ``accuracy``: supervised online retraining on a drifting stream under each
   budget. Fixed baselines (full fine-tuning, TinyTL-B, TinyTL-L+B: batch 32, no
   micro-batching or checkpointing) count where their measured peak fits; the
@@ -27,7 +32,10 @@ Three parts, each written to ``benchmarks/results/mpopt.json`` and ``.md``
   profiling-based planner takes the rule engine's choice on measured peaks;
   MPOptimizer is the real loop (planning, ``Aco`` probes, re-planning) on the
   same grid. Accuracy: mean over the stream's domains of the test accuracy
-  after adapting to each.
+  after adapting to each. Every model in ``--accuracy-models`` runs on every
+  stream in ``--streams``; budgets are MB, or with ``--budget-unit full``
+  fractions of the model's measured full fine-tuning peak (so one list fits
+  models of different sizes). Finished runs in ``--workdir`` are reused.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ from aiop.mpopt.planner import (
     accuracy_prior,
     clear_cache,
     default_space,
+    frozen_shares,
     plan,
     step_gflops,
 )
@@ -158,13 +167,14 @@ def part_violations(models: list[str], n_budgets: int, predictor: Any, seed: int
 def rank_measured(cg: Any, peaks: dict[MConfig, int], budget_mb: float) -> Candidate | None:
     """The rule engine on measured peaks (no margin): what a profiling planner would choose."""
     has_bn = any(n.op == "BatchNormalization" for n in cg.nodes)
+    shares = frozen_shares(cg, [c.freeze for c in peaks])
     pool = [
         Candidate(
             config=c,
             peak_bytes=p,
             latency_s=None,
             step_gflops=step_gflops(cg, c, None),
-            accuracy=accuracy_prior(c, has_bn),
+            accuracy=accuracy_prior(c, has_bn, frozen_share=shares[c.freeze]),
             accuracy_source="prior",
             fits=p <= budget_mb * MB,
         )
@@ -256,10 +266,13 @@ def part_accuracy(
     predictor: Any,
     workdir: Path,
     axes: dict[str, list],
+    budget_unit: str = "mb",
+    drift: str = "both",
 ) -> dict:
     from tqdm import tqdm
 
     grid = accuracy_grid(BATCH, axes["methods"], axes["freezes"], axes["micro_batches"])
+    workdir = workdir / f"{spec.replace(':', '_')}-{stream}"  # one folder per model × stream
     base_kw = dict(stream=stream, steps_per_domain=steps, batch_size=BATCH, resolution=RES,
                    eval_size=200, probe_size=100)  # fmt: skip
     # measured peaks of every setting and its checkpoint variants (meta mode)
@@ -276,7 +289,8 @@ def part_accuracy(
                  "micro_batches": (c.mb,), "precisions": ("fp32",)}  # fmt: skip
         tag = c.format().replace(",", "_").replace("=", "").replace("+", "")
         rep = run_stream(spec, base_kw, space, workdir / f"fixed-{tag}", predictor,
-                         budget_mb=1e6, top_k=1, probe_steps=0, enforce_budget=False)  # fmt: skip
+                         budget_mb=1e6, top_k=1, probe_steps=0, enforce_budget=False,
+                         drift="metadata")  # fmt: skip
         fixed[c.format()] = {
             "accuracy": rep["mean_accuracy_after"],
             "per_domain": [d["acc_after"] for d in rep["domains"]],
@@ -292,9 +306,16 @@ def part_accuracy(
     loop_space = {"methods": tuple(axes["methods"]), "freezes": tuple(axes["freezes"]),
                   "segments": SEGMENTS, "micro_batches": tuple(axes["micro_batches"]),
                   "precisions": ("fp32",)}  # fmt: skip
+    full_peak = peaks.get(MConfig(batch_size=BATCH))
+    if budget_unit == "full":
+        if full_peak is None:
+            raise SystemExit("--budget-unit full needs 'full' and 0.0 in the accuracy grid")
+        budgets = [round(f * full_peak / MB, 2) for f in budgets]
     rows = []
     for budget in budgets:
         row: dict[str, Any] = {"budget_mb": budget}
+        if full_peak:
+            row["budget_fraction_of_full"] = round(budget * MB / full_peak, 3)
         for name, c in (
             ("fixed_full", MConfig(batch_size=BATCH)),
             ("fixed_tinytl_b", MConfig(batch_size=BATCH, method="bias")),
@@ -317,13 +338,15 @@ def part_accuracy(
             row["profiling_planner"] = None
         try:
             rep = run_stream(spec, base_kw, loop_space, workdir / f"mpopt-{budget:g}", predictor,
-                             budget_mb=budget, top_k=3, probe_steps=2)  # fmt: skip
+                             budget_mb=budget, top_k=3, probe_steps=2, drift=drift)  # fmt: skip
             row["mpopt"] = rep["mean_accuracy_after"]
             row["mpopt_configs"] = rep["configs_chosen"]
             row["mpopt_violations"] = rep["budget_violations"]
             row["mpopt_oom_fallbacks"] = rep["out_of_memory_fallbacks"]
             row["mpopt_max_peak_over_budget"] = rep["max_peak_over_budget"]
             row["mpopt_planning_seconds"] = rep["planning_seconds"]
+            row["mpopt_replans"] = [p["reason"] for p in rep["plans"]]
+            row["mpopt_drift_detection"] = rep.get("drift_detection")
         except ValueError as exc:
             row["mpopt"] = None
             row["mpopt_error"] = str(exc)
@@ -338,17 +361,62 @@ def part_accuracy(
         rows.append(row)
         log.info("budget %s: %s", budget, row)
     return {"model": spec, "stream": stream, "steps_per_domain": steps, "grid": len(grid),
-            "fixed": fixed, "rows": rows}  # fmt: skip
+            "drift": drift,
+            "full_finetune_peak_bytes": full_peak, "fixed": fixed, "rows": rows}  # fmt: skip
+
+
+# -- part 4: step time per precision on this CPU (the cpu device's factors) -------------------
+
+
+def part_precision(models: list[str], precisions: list[str], rounds: int, steps: int) -> dict:
+    """Median real step time of each precision relative to fp32, interleaved A/B/C.
+
+    Each round measures every precision once (``steps`` timed steps after one warm-up,
+    a fresh model each time), so load from other processes on a shared machine falls
+    on all precisions alike instead of biasing whichever ran during a busy minute.
+    """
+    import statistics
+
+    from tqdm import tqdm
+
+    from aiop.mconfig import prepare
+    from aiop.profiler.latency import measure_latency
+
+    out: dict[str, Any] = {"resolution": RES, "batch": BATCH, "rounds": rounds, "steps": steps}
+    precisions = ["fp32", *[p for p in precisions if p != "fp32"]]
+    for spec in models:
+        samples: dict[str, list[float]] = {p: [] for p in precisions}
+        for _ in tqdm(range(rounds), desc=f"precision {spec}", leave=False):
+            for prec in precisions:
+                torch.manual_seed(0)
+                model = factory(spec)()
+                config = MConfig.parse(f"bs={BATCH},prec={prec}")
+                prepare(model, config)
+                lat = measure_latency(model, config, steps=steps, warmup=1, resolution=RES)
+                samples[prec].extend(lat.samples_s)
+        median = {p: statistics.median(v) for p, v in samples.items()}
+        out[spec] = {
+            "median_step_s": median,
+            "time_factor": {p: round(median[p] / median["fp32"], 2) for p in precisions},
+            "samples_s": samples,
+        }
+    return out
 
 
 # -- output ---------------------------------------------------------------------------------
 
 
+def _command_line(part: dict, fallback: str) -> list[str]:
+    return [f"Command: `{part.get('command') or fallback}`", ""]
+
+
 def markdown(result: dict) -> str:
-    lines = ["# MPOptimizer benchmark", "", f"Command: `{result.get('command', '')}`", ""]
+    lines = ["# MPOptimizer benchmark", ""]
+    unknown = "not recorded (run before commands were kept per part)"
     v = result.get("violations")
     if v:
         lines += ["## Budget violations (planner's choice, true peak measured)", "",
+                  *_command_line(v, unknown),
                   "| model | candidates | plans | violations | infeasible | budget range MB | "
                   "cold plan s | warm plan s |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for m, r in v["per_model"].items():
@@ -362,7 +430,9 @@ def markdown(result: dict) -> str:
                   f"max {v['budget_used_max']:.2f}.", ""]  # fmt: skip
     t = result.get("timing")
     if t:
+        t = {k: r for k, r in t.items() if k != "command"}
         lines += ["## Planning time, side by side", "",
+                  *_command_line(result["timing"], unknown),
                   "| model | candidates | predictor planner s | profiling planner s | speed-up | "
                   "same choice | full grid: candidates, predictor s, profiling s (est.) |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -374,32 +444,84 @@ def markdown(result: dict) -> str:
                 f"{r['full_space_profiling_estimate_seconds']:.0f} |"
             )
         lines.append("")
+    pr = result.get("precision")
+    if pr:
+        models = {k: r for k, r in pr.items() if isinstance(r, dict) and "time_factor" in r}
+        precs = list(next(iter(models.values()))["time_factor"]) if models else []
+        lines += ["## Step time per precision on this CPU (the `cpu` device's factors)", "",
+                  *_command_line(pr, unknown),
+                  f"Batch {pr['batch']} at {pr['resolution']} px, {pr['rounds']} interleaved "
+                  f"rounds of {pr['steps']} timed steps: median step time (ratio to fp32).", "",
+                  "| model | " + " | ".join(precs) + " |",
+                  "|---|" + "---|" * len(precs)]  # fmt: skip
+        for spec, r in models.items():
+            cells = [f"{r['median_step_s'][q]:.3f} s ({r['time_factor'][q]:g}×)" for q in precs]
+            lines.append(f"| {spec} | " + " | ".join(cells) + " |")
+        lines.append("")
     a = result.get("accuracy")
     if a:
-        lines += [f"## Accuracy: {a['model']} on {a['stream']} ({a['steps_per_domain']} steps per "
-                  "domain), mean test accuracy after adapting", "",
-                  "| budget MB | full | TinyTL-B | TinyTL-L+B | profiling planner | oracle | "
-                  "MPOptimizer | − best fixed | − oracle | violations |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        runs = a.get("runs") or [a]  # one run: the layout before several models and streams
+        lines += ["## Accuracy: mean test accuracy over the stream's domains after adapting", "",
+                  *_command_line(a, unknown)]  # fmt: skip
+        if a.get("seconds"):
+            lines += [f"All runs: {a['seconds'] / 60:.1f} min wall.", ""]
+        for run in runs:
+            lines += accuracy_table(run)
+        return "\n".join(lines)
 
-        def f(x: Any) -> str:
-            return "—" if x is None else f"{x:.3f}"
 
-        for r in a["rows"]:
-            lines.append(
-                f"| {r['budget_mb']:g} | {f(r['fixed_full'])} | {f(r['fixed_tinytl_b'])} | "
-                f"{f(r['fixed_tinytl_lb'])} | {f(r['profiling_planner'])} | {f(r['oracle'])} | "
-                f"{f(r['mpopt'])} | {f(r.get('mpopt_minus_best_fixed'))} | "
-                f"{f(r.get('mpopt_minus_oracle'))} | {r.get('mpopt_violations', '—')} |"
-            )
-        lines.append("")
-    return "\n".join(lines)
+def accuracy_table(a: dict) -> list[str]:
+    """One model on one stream: the baselines and MPOptimizer under each budget."""
+
+    def f(x: Any) -> str:
+        return "—" if x is None else f"{x:.3f}"
+
+    full = a.get("full_finetune_peak_bytes")
+    head = f"### {a['model']} on {a['stream']} ({a['steps_per_domain']} steps per domain"
+    head += f"; re-planning on drift: {a['drift']}" if a.get("drift") else ""
+    head += f"; full fine-tuning peak {full / MB:.1f} MB)" if full else ")"
+    lines = [head, "",
+             "| budget MB | full | TinyTL-B | TinyTL-L+B | profiling planner | oracle | "
+             "MPOptimizer | − best fixed | − oracle | violations | MPOptimizer's configs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in a["rows"]:
+        frac = r.get("budget_fraction_of_full")
+        budget = f"{r['budget_mb']:g}" + (f" ({frac:.2f}×)" if frac else "")
+        configs = sorted({_short_spec(c) for c in r.get("mpopt_configs") or []})
+        lines.append(
+            f"| {budget} | {f(r['fixed_full'])} | {f(r['fixed_tinytl_b'])} | "
+            f"{f(r['fixed_tinytl_lb'])} | {f(r['profiling_planner'])} | {f(r['oracle'])} | "
+            f"{f(r['mpopt'])} | {f(r.get('mpopt_minus_best_fixed'))} | "
+            f"{f(r.get('mpopt_minus_oracle'))} | {r.get('mpopt_violations', '—')} | "
+            f"{'; '.join(configs) or r.get('mpopt_error', '—')} |"
+        )
+    lines.append("")
+    return lines
+
+
+def _short_spec(spec: str) -> str:
+    """``bs=32,mb=32,freeze=0.5,ckpt=4,method=full,...`` → ``full f0.5 ck4`` (what differs)."""
+    c = MConfig.parse(spec)
+    parts = [c.method]
+    if c.mb != c.batch_size:
+        parts.append(f"mb{c.mb}")
+    if c.freeze:
+        parts.append(f"f{c.freeze:g}")
+    if c.ckpt:
+        parts.append(f"ck{c.ckpt}")
+    if c.prec != "fp32":
+        parts.append(c.prec)
+    return " ".join(parts)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["violations", "timing", "accuracy"],
-                        choices=["violations", "timing", "accuracy"])  # fmt: skip
+                        choices=["violations", "timing", "accuracy", "precision"])  # fmt: skip
+    parser.add_argument("--precision-models", nargs="+", default=["zoo:mobilenet_v2"])
+    parser.add_argument("--precisions", nargs="+", default=["bf16", "fp16"])
+    parser.add_argument("--precision-rounds", type=int, default=3)
+    parser.add_argument("--precision-steps", type=int, default=3)
     parser.add_argument(
         "--models",
         nargs="+",
@@ -407,15 +529,35 @@ def main() -> None:
     )
     parser.add_argument("--budgets", type=int, default=30, help="random budgets per model")
     parser.add_argument("--timing-candidates", type=int, default=48)
-    parser.add_argument("--accuracy-model", default="zoo:mobilenet_v2")
-    parser.add_argument("--accuracy-budgets", type=float, nargs="+", default=[200, 45, 30, 22])
+    parser.add_argument(
+        "--accuracy-models", "--accuracy-model", nargs="+", default=["zoo:mobilenet_v2"]
+    )
+    parser.add_argument("--accuracy-budgets", type=float, nargs="+", default=[200, 60, 45, 30])
+    parser.add_argument(
+        "--budget-unit",
+        choices=["mb", "full"],
+        default="mb",
+        help="accuracy budgets in MB, or as fractions of full fine-tuning's measured peak",
+    )
     parser.add_argument(
         "--accuracy-methods", nargs="+", default=["full", "lite+bias", "bias", "last"]
     )
     parser.add_argument("--accuracy-freezes", type=float, nargs="+", default=[0.0, 0.5])
     parser.add_argument("--accuracy-micro-batches", type=int, nargs="+", default=[BATCH])
-    parser.add_argument("--stream", default="digits-c-short")
+    parser.add_argument("--streams", "--stream", nargs="+", default=["digits-c-short"])
+    parser.add_argument(
+        "--pairs",
+        nargs="+",
+        metavar="MODEL@STREAM",
+        help="run these model × stream pairs instead of every model on every stream",
+    )
     parser.add_argument("--steps-per-domain", type=int, default=8)
+    parser.add_argument(
+        "--drift",
+        choices=["both", "detect", "metadata"],
+        default="both",
+        help="what makes MPOptimizer re-plan on a domain change (aiop retrain --drift)",
+    )
     parser.add_argument("--predictor", default=None)
     parser.add_argument("--workdir", default="out/mpopt-bench")
     parser.add_argument("--seed", type=int, default=0)
@@ -424,7 +566,11 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     predictor = load_predictor(args.predictor)
     result = json.loads(OUT.read_text()) if OUT.is_file() else {}
-    result["command"] = "python benchmarks/mpopt.py " + " ".join(
+    # the command of the layout before per-part commands belonged to its violations part
+    legacy = result.pop("command", None)
+    if legacy and isinstance(result.get("violations"), dict):
+        result["violations"].setdefault("command", legacy)
+    command = "python benchmarks/mpopt.py " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
         for k, v in vars(args).items()
         if v is not None
@@ -441,27 +587,47 @@ def main() -> None:
         t0 = time.perf_counter()
         result["violations"] = part_violations(args.models, args.budgets, predictor, args.seed)
         result["violations"]["seconds"] = round(time.perf_counter() - t0, 1)
+        result["violations"]["command"] = command
         save()
     if "timing" in args.parts:
         result["timing"] = part_timing(args.models, args.timing_candidates, predictor, args.seed)
+        result["timing"]["command"] = command
+        save()
+    if "precision" in args.parts:
+        result["precision"] = part_precision(
+            args.precision_models, args.precisions, args.precision_rounds, args.precision_steps
+        )
+        result["precision"]["command"] = command
         save()
     if "accuracy" in args.parts:
         t0 = time.perf_counter()
-        result["accuracy"] = part_accuracy(
-            args.accuracy_model,
-            args.accuracy_budgets,
-            args.stream,
-            args.steps_per_domain,
-            predictor,
-            Path(args.workdir),
-            {
-                "methods": args.accuracy_methods,
-                "freezes": args.accuracy_freezes,
-                "micro_batches": args.accuracy_micro_batches,
-            },
-        )
-        result["accuracy"]["seconds"] = round(time.perf_counter() - t0, 1)
-        save()
+        runs: list[dict] = []
+        result["accuracy"] = {"command": command, "runs": runs}
+        pairs = [(m, st) for m in args.accuracy_models for st in args.streams]
+        if args.pairs:
+            pairs = [tuple(x.split("@", 1)) for x in args.pairs]
+            if any(len(x) != 2 or not all(x) for x in pairs):
+                raise SystemExit("--pairs takes MODEL@STREAM, e.g. zoo:resnet18@digits-c-short")
+        for spec, stream in pairs:
+            runs.append(
+                part_accuracy(
+                    spec,
+                    list(args.accuracy_budgets),
+                    stream,
+                    args.steps_per_domain,
+                    predictor,
+                    Path(args.workdir),
+                    {
+                        "methods": args.accuracy_methods,
+                        "freezes": args.accuracy_freezes,
+                        "micro_batches": args.accuracy_micro_batches,
+                    },
+                    args.budget_unit,
+                    args.drift,
+                )
+            )
+            result["accuracy"]["seconds"] = round(time.perf_counter() - t0, 1)
+            save()  # each finished model × stream is kept
     print(markdown(result))
 
 

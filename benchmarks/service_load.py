@@ -33,6 +33,9 @@ from typing import Any
 
 import httpx
 
+from aiop.service.client import wait_until_healthy
+from aiop.service.errors import RemoteUnavailable
+
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,18 +69,12 @@ def start_server(
     cmd += ["--workers", str(workers), "--prediction-cache", str(cache)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with code {proc.returncode}")
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not start in time")
+    try:
+        wait_until_healthy(url, proc, timeout)
+    except RemoteUnavailable as exc:
+        proc.kill()
+        raise SystemExit(str(exc)) from None
+    return proc, url
 
 
 async def client_loop(

@@ -133,8 +133,14 @@ def test_predicted_accuracy_and_time_budget(cg: Any, predictor: Any) -> None:
     assert r.chosen.accuracy_source == "predicted"
     r = plan(cg, 1e5, wrapped, space=SPACE, time_budget_s=0.05)
     assert all(c.latency_s is not None and c.latency_s <= 0.05 for c in r.feasible)
+
+    class MemoryOnly:  # a predictor without a latency head (the shipped one now has one)
+        def predict(self, cg: Any, configs: Sequence[MConfig | str]) -> list[dict[str, Any]]:
+            out = predictor.predict(cg, configs)
+            return [{k: v for k, v in r.items() if k != "latency_s"} for r in out]
+
     with pytest.raises(PlanError, match="latency"):
-        plan(cg, 1e5, predictor, space=SPACE, time_budget_s=1.0)
+        plan(cg, 1e5, MemoryOnly(), space=SPACE, time_budget_s=1.0)
 
 
 @pytest.mark.parametrize("budget", [0, -3, float("nan"), float("inf")])
@@ -238,3 +244,23 @@ def test_micro_batches_a_batchnorm_cannot_train_on_are_never_planned(predictor: 
     assert result.ranked and all(c.config.mb >= 2 for c in result.ranked)
     with pytest.raises(PlanError, match="one value per channel"):
         plan(cg, 1e6, predictor, candidates=["bs=4,mb=1"])
+
+
+def test_freezing_costs_its_share_of_parameters(cg: Any, predictor: Any) -> None:
+    """Freezing counts layers from the input, which hold few parameters: full fine-tuning
+    of the later half ranks above bias-only training of every layer (measured so on
+    MobileNetV2, benchmarks/results/mpopt.md), and the planner uses the graph's shares."""
+    from aiop.mpopt.planner import frozen_shares
+
+    shares = frozen_shares(cg, [0.0, 0.3, 0.5, 0.9, 1.0])
+    assert shares[0.0] == 0.0 and shares[1.0] == pytest.approx(1.0)
+    assert 0 < shares[0.3] < shares[0.5] < 0.25 < shares[0.9] < 1.0  # early layers are narrow
+    half = MConfig(batch_size=16, freeze=0.5)
+    assert accuracy_prior(half, frozen_share=shares[0.5]) > accuracy_prior(
+        MConfig(batch_size=16, method="lite+bias")
+    )
+    assert accuracy_prior(half) < accuracy_prior(MConfig(batch_size=16, method="lite+bias"))
+    r = plan(cg, 1e5, predictor, space=SPACE)
+    by_spec = {c.spec: c for c in r.feasible}
+    c = by_spec[MConfig(batch_size=16, freeze=0.5).format()]
+    assert c.accuracy == pytest.approx(accuracy_prior(half, frozen_share=shares[0.5]))

@@ -21,6 +21,8 @@ import pytest
 from aiop.cache import Store
 from aiop.cg import from_torch
 from aiop.models.examples import SmallCNN
+from aiop.service.client import wait_until_healthy
+from aiop.service.errors import RemoteUnavailable
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,18 +41,12 @@ def start_server(store: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     env.pop("AIOP_API_KEYS", None)
     proc = subprocess.Popen([*cmd, *extra], cwd=ROOT, env=env, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("server did not start")
+    try:
+        wait_until_healthy(url, proc, timeout=120)
+    except RemoteUnavailable as exc:
+        proc.kill()
+        raise AssertionError(str(exc)) from None
+    return proc, url
 
 
 def variants(n: int) -> list[dict]:

@@ -134,6 +134,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         margin=args.margin,
         batch_size=args.batch_size,
         search=args.search,
+        device=args.device,
     )
     data = result.to_dict()
     data["model"] = args.model
@@ -154,9 +155,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
             }
             for i, r in enumerate(data["ranked"])
         ]
+        dev = data["device"] or {}
+        where = (
+            f"device {dev.get('name')}; budget {data['budget_mb']:g} MB ({data['budget_source']})"
+        )
         return (
             format_table(rows)
-            + f"\n\n{data['explanation']}\nplanned in {data['planning_seconds'] * 1000:.0f} ms"
+            + f"\n\n{data['explanation']}\n{where}\n"
+            + f"planned in {data['planning_seconds'] * 1000:.0f} ms"
         )
 
     emit(args, data, text)
@@ -173,7 +179,18 @@ def register(sub: Any, model_help: str) -> None:
     """Add ``plan`` and ``retrain`` to ``aiop``'s subparsers."""
     p = sub.add_parser("plan", help="plan m-hyperparameters under a memory budget")
     p.add_argument("model", metavar="MODEL", help=model_help)
-    p.add_argument("--budget-mb", required=True, type=_positive_float, help="memory budget, MiB")
+    p.add_argument(
+        "--budget-mb",
+        type=_positive_float,
+        help="memory budget, MiB (default: the --device's memory)",
+    )
+    p.add_argument(
+        "--device",
+        metavar="NAME|FILE.json",
+        default="cpu",
+        help="the training device: cpu (this machine, default), cuda, edge, or a JSON file "
+        "(name, memory_budget_mb, precision_time)",
+    )
     p.add_argument("--predictor", help="predictor file or http(s) URL (default: the shipped one)")
     p.add_argument(
         "--fallback-predictor",
@@ -217,6 +234,24 @@ def register(sub: Any, model_help: str) -> None:
     p.add_argument("--resolution", type=_positive_int, default=32, help="input size, px")
     p.add_argument("--steps-per-domain", type=_positive_int, default=20)
     p.add_argument("--top-k", type=_positive_int, default=3, help="candidates compared by Aco")
+    p.add_argument(
+        "--drift",
+        choices=["both", "detect", "metadata"],
+        default="both",
+        help="what re-plans on a domain change: the stream's boundaries (metadata), drift "
+        "detected in the incoming batches' statistics without labels (detect), or both",
+    )
+    p.add_argument(
+        "--no-probe-beyond-margin",
+        action="store_true",
+        help="never probe a candidate that only the safety margin rules out (see README)",
+    )
+    p.add_argument(
+        "--drift-threshold",
+        type=_positive_float,
+        default=1.0,
+        help="input-statistics shift, in reference standard deviations, that counts as drift",
+    )
     p.add_argument("--out", default="out/retrain", help="folder for report, plot, checkpoints")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")

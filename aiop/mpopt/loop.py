@@ -4,6 +4,11 @@ A pretrained model (trained here on clean digits and cached, never downloaded)
 meets a stream of drifting domains (:mod:`aiop.tasks.streams`) on a "device"
 whose memory is the budget. At the start, whenever the domain changes and
 whenever the available memory changes (``--budget-schedule``), the loop
+re-plans. A domain change is known from the stream's boundaries
+(``drift="metadata"``), detected without labels or metadata from the incoming
+batches' statistics (``drift="detect"``, :mod:`aiop.mpopt.drift`), or either
+(``"both"``, the default: a device rarely knows its domain, a benchmark does).
+Each time it
 
 1. plans with the predictor (:func:`aiop.mpopt.planner.plan`: every candidate
    predicted at once, the safety margin from the predictor's error quantiles);
@@ -16,6 +21,15 @@ whenever the available memory changes (``--budget-schedule``), the loop
    probes' noise (two probe images), in which case the challenger with the
    highest ``Aco`` wins; its weights train on (``aiop.mconfig.prepare`` and
    ``train_step``: what is planned is what trains).
+
+The safety margin is for configurations nobody has run. A probe measures the
+real peak, and a step's peak repeats from its second step on (same shapes, the
+optimizer state exists), so with ``probe_beyond_margin`` the loop also probes
+the most accurate candidate that only the margin rules out (predicted under the
+budget itself) under the memory guard: if both of its probe steps stay within
+the budget it becomes the first choice, measured rather than predicted; if one
+would pass the budget the guard stops it, nothing is lost and it is not tried
+again (the margin is not widened: the probe knowingly went inside it).
 
 Every step's real peak memory is measured with the profiler's tracker
 (:class:`~aiop.profiler.tracker.StepMemoryTracker`), which here also acts as
@@ -50,12 +64,15 @@ import torch
 from torch import nn
 
 from aiop.mconfig import MConfig, MSpace, make_optimizer, prepare, train_step
+from aiop.mpopt.drift import DriftDetector, DriftError
 from aiop.mpopt.planner import MB, Candidate, PlanError, PlanResult, PredictorLike, plan
 from aiop.profiler.tracker import StepMemoryTracker
 
 log = logging.getLogger(__name__)
 
 MODES: tuple[str, ...] = ("supervised", "tent")
+# What makes the loop re-plan on a domain change (budget changes always do).
+DRIFT_MODES: tuple[str, ...] = ("both", "detect", "metadata")
 # Inputs are standardised with these constants (MNIST-like digits in [0, 1]).
 _MEAN, _STD = 0.5, 0.5
 CHECKPOINT = "checkpoint.safetensors"
@@ -157,12 +174,23 @@ class RetrainSettings:
     pretrain_epochs: int = 3
     pretrain_samples: int | None = None  # None: the whole clean train split
     enforce_budget: bool = True
+    probe_beyond_margin: bool = True  # measure the best candidate only the margin rules out
+    drift: str = "both"  # re-plan at the stream's boundaries, detected drift, or both
+    drift_threshold: float = 1.0  # shift in reference SDs that counts as drift
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     space: dict[str, Any] = field(default_factory=dict)  # MSpace overrides (e.g. freezes)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise RetrainError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.drift not in DRIFT_MODES:
+            raise RetrainError(
+                f"unknown drift mode {self.drift!r}; choose one of {', '.join(DRIFT_MODES)}"
+            )
+        try:
+            DriftDetector(threshold=self.drift_threshold)
+        except DriftError as exc:
+            raise RetrainError(str(exc)) from None
         if not self.budget_schedule:
             self.budget_schedule = [(0, float(self.budget_mb))]
         for key in ("batch_size", "resolution", "steps_per_domain", "top_k", "eval_size"):
@@ -470,6 +498,9 @@ class RetrainLoop:
         self.planning_seconds = 0.0
         self.probe_seconds = 0.0
         self.ooms = 0
+        self.detector = DriftDetector(threshold=settings.drift_threshold)
+        self.beyond_failed: set[str] = set()  # beyond-margin probes the guard stopped
+        self.drift_events: list[dict[str, Any]] = []
         self.broken: dict[str, str] = {}  # configs that cannot train this model, and why
 
     # -- planning ------------------------------------------------------------------
@@ -556,6 +587,8 @@ class RetrainLoop:
             "ooms": self.ooms,
             "margin": self.margin,
             "broken": self.broken,
+            "drift_events": self.drift_events,
+            "beyond_failed": sorted(self.beyond_failed),
         }
         _write_json_atomic(self.out / STATE, state)
 
@@ -644,26 +677,36 @@ class RetrainLoop:
         need_plan = True
         step = start
         acc_now: float | None = None
+        use_boundaries = s.drift in ("both", "metadata")
+        detect = s.drift in ("both", "detect")
         while step < n:
             d_index = self.stream.domain_index(step)
             budget = budget_at(s.budget_schedule, step)
             reasons = []
             if d_index != current_domain:
+                # the per-domain records are the benchmark's view: kept in every drift mode
                 if self.domains and "acc_after" not in self.domains[-1]:
                     self._close_domain(current_domain)
                     self._save(step)
                 self._open_domain(d_index)
                 acc_now = self.domains[-1]["acc_before"]
                 current_domain = d_index
-                reasons.append(f"domain {self.stream.domains[d_index].name}")
+                if use_boundaries:
+                    reasons.append(f"domain {self.stream.domains[d_index].name}")
             if budget != current_budget:
                 reasons.append(f"budget {budget:g} MB")
                 current_budget = budget
+            x, y = self.stream.batch(step)
+            if detect and not (reasons or need_plan):
+                event = self.detector.update(x, step)
+                if event is not None:
+                    self._on_drift(event)
+                    reasons.append(event.describe())
             if reasons or need_plan:
                 step = self._replan_and_probe(step, budget, ", ".join(reasons) or "fallback", bar)
                 need_plan = False
+                self.detector.reset()  # what comes after a re-plan is the new reference
                 continue  # probes may have consumed steps (and crossed a domain end)
-            x, y = self.stream.batch(step)
             try:
                 loss, peak, secs = self.trainer.step(x, y, self._limit(budget))
             except DeviceOutOfMemory as oom:
@@ -689,6 +732,51 @@ class RetrainLoop:
             if step % max(s.steps_per_domain // 2, 1) == 0:
                 self._save(step)
 
+    def _on_drift(self, event: Any) -> None:
+        """Record a detected drift with where the stream's true boundary was."""
+        d = self.stream.domain_index(event.step)
+        start = d * self.s.steps_per_domain
+        self.drift_events.append(
+            {
+                **asdict(event),
+                "domain": self.stream.domains[d].name,
+                "steps_after_boundary": event.step - start,
+            }
+        )
+        log.info("%s", event.describe())
+
+    def _drift_summary(self) -> dict[str, Any]:
+        """How detected drifts line up with the stream's boundaries (known only here)."""
+        spd = self.s.steps_per_domain
+        window = max(spd // 2, 1)  # an event this soon after a boundary detected it
+        starts = [i * spd for i in range(1, len(self.stream.domains))]
+        first = self._next_step()
+        starts = [b for b in starts if b < first]
+        hit: dict[int, int] = {}
+        false_alarms = 0
+        for e in self.drift_events:
+            b = e["step"] - e["steps_after_boundary"]
+            if b in starts and e["steps_after_boundary"] < window and b not in hit:
+                hit[b] = e["steps_after_boundary"]
+            else:
+                false_alarms += 1
+        out: dict[str, Any] = {
+            "mode": self.s.drift,
+            "threshold": self.s.drift_threshold,
+            "events": len(self.drift_events),
+        }
+        if self.s.drift != "detect":
+            # boundaries re-plan from the metadata and reset the detector: its events
+            # (if any) are drifts inside a domain, not detections of a boundary
+            return out
+        return {
+            **out,
+            "boundaries": len(starts),
+            "boundaries_detected": len(hit),
+            "false_alarms": false_alarms,
+            "mean_delay_steps": float(np.mean(list(hit.values()))) if hit else None,
+        }
+
     def _load_resume(self, base: nn.Module) -> tuple[int, nn.Module]:
         path, state_path = self.out / CHECKPOINT, self.out / STATE
         if not path.is_file() or not state_path.is_file():
@@ -711,6 +799,8 @@ class RetrainLoop:
         self.ooms = state["ooms"]
         self.margin = state["margin"]
         self.broken = state.get("broken", {})
+        self.drift_events = state.get("drift_events", [])
+        self.beyond_failed = set(state.get("beyond_failed", []))
         start = int(meta["next_step"])
         self.steps = [r for r in self.steps if r.step < start]
         return start, base
@@ -780,12 +870,17 @@ class RetrainLoop:
             n_probe = min(s.probe_steps, domain_end - step) if len(cands) > 1 else 0
             if n_probe == 0:  # nothing to compare: the planner's best, no probe
                 cands = cands[:1]
+            beyond = self._beyond_margin(budget, cands[0], tried) if n_probe >= 2 else None
             probe_x, probe_y = self.stream.probe_set(d_index)
             before = self._gain_metric(self.trainer.model, probe_x, probe_y)
             results = []
-            for cand in cands:
+            for cand in [beyond, *cands] if beyond else cands:
                 tried.add(cand.spec)
-                results.append(self._probe(cand, step, n_probe, budget, before, probe_x, probe_y))
+                results.append(
+                    self._probe(
+                        cand, step, n_probe, budget, before, probe_x, probe_y, cand is beyond
+                    )
+                )
             ok = [r for r in results if r["ok"]]
             if ok:
                 break
@@ -809,6 +904,30 @@ class RetrainLoop:
             bar.update()
         return step + n_probe
 
+    def _beyond_margin(
+        self, budget: float, first: Candidate, exclude: set[str]
+    ) -> Candidate | None:
+        """The most accurate candidate that only the safety margin rules out: predicted
+        under ``budget`` itself and ranked above the plan's ``first`` choice (None if none)."""
+        if not self.s.probe_beyond_margin:
+            return None
+        t0 = time.perf_counter()
+        try:  # the predictions are cached: this is a sort
+            loose = plan(self.cg, budget, self.predictor, space=self.space, margin=0.0,
+                         strict=False)  # fmt: skip
+        except PlanError:
+            return None
+        finally:
+            self.planning_seconds += time.perf_counter() - t0
+        margin = self.plan_result.margin
+        for c in loose.feasible:  # ranked best first
+            if c.sort_key() >= first.sort_key():
+                return None
+            skip = c.spec in exclude or c.spec in self.broken or c.spec in self.beyond_failed
+            if not skip and c.peak_bytes * (1 + margin) > budget * MB:
+                return c
+        return None
+
     def _gain_metric(self, model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
         """Higher is better: accuracy (supervised) or negative entropy (Tent)."""
         if self.s.mode == "tent":
@@ -824,6 +943,7 @@ class RetrainLoop:
         before: float,
         probe_x: np.ndarray,
         probe_y: np.ndarray,
+        beyond_margin: bool = False,
     ) -> dict[str, Any]:
         t0 = time.perf_counter()
         model = copy.deepcopy(self.trainer.model) if n_probe else self.trainer.model
@@ -836,6 +956,7 @@ class RetrainLoop:
             "predicted_peak_bytes": cand.peak_bytes,
             "rule": cand.rule,
             "prior": cand.accuracy,
+            "beyond_margin": beyond_margin,
         }
         try:
             for k in range(n_probe):
@@ -843,7 +964,10 @@ class RetrainLoop:
                 records.append(trainer.step(x, y, self._limit(budget)))
         except DeviceOutOfMemory as oom:
             self.ooms += 1
-            self._widen_margin(oom, cand.peak_bytes)
+            if beyond_margin:  # it knowingly went inside the margin: not a prediction miss
+                self.beyond_failed.add(cand.spec)
+            else:
+                self._widen_margin(oom, cand.peak_bytes)
             self.probe_seconds += time.perf_counter() - t0
             return {**out, "ok": False, "oom_at_bytes": oom.live_bytes, "aco": -math.inf}
         except (RuntimeError, ValueError) as exc:  # the model cannot train this config
@@ -909,6 +1033,8 @@ class RetrainLoop:
             "configs_chosen": [p["chosen"] for p in self.plans if p["chosen"]],
             "budget_violations": len(violations),
             "out_of_memory_fallbacks": self.ooms,
+            "drift_events": self.drift_events,
+            "drift_detection": self._drift_summary(),
             "configs_that_failed": self.broken,
             "max_peak_over_budget": max(
                 (r.measured_peak_bytes / (r.budget_mb * MB) for r in completed), default=None
@@ -1035,6 +1161,9 @@ def run_from_args(args: Any) -> int:
         steps_per_domain=args.steps_per_domain,
         top_k=args.top_k,
         seed=args.seed,
+        drift=args.drift,
+        drift_threshold=args.drift_threshold,
+        probe_beyond_margin=not args.no_probe_beyond_margin,
     )
     loop = RetrainLoop(
         settings,

@@ -17,11 +17,23 @@ MPOptimizer's rule engine:
    the predictor's accuracy where it was trained for a task head, otherwise an
    accuracy prior that encodes MPOptimizer's order of memory techniques
    (micro-batching and checkpointing cost no accuracy, TinyTL methods a little,
-   freezing more; tiny BatchNorm micro-batches and half precision a touch);
+   freezing in proportion to the share of the parameters it freezes; tiny
+   BatchNorm micro-batches and half precision a touch);
 3. **speed tie-break** — between equally accurate configurations the fastest
-   wins: predicted latency where the predictor has it, else the estimated
-   FLOPs of a training step (recomputation and per-micro-batch overheads
-   included), then the smaller peak.
+   wins: predicted latency where the predictor has it (it was measured on the
+   device, so nothing more is applied), else the estimated FLOPs of a training
+   step (recomputation and per-micro-batch overheads included) times the
+   device's step-time factor for the configuration's precision
+   (:mod:`aiop.mpopt.device`: bf16 is 3× slower than fp32 on this CPU, 2× faster
+   on a GPU), then the smaller peak.
+
+The device (``device=``: ``cpu``, the default, ``cuda``, ``edge`` or a JSON
+file) also gives the default budget (its memory), the half precision planned
+(the faster of bf16/fp16 on it) and whether half precision costs the accuracy
+prior its small touch: where half precision is faster than fp32 it is the
+device's natural way to train and costs nothing, so equally accurate bf16
+beats fp32 on speed; where it is slower, fp32 is preferred unless half
+precision is what lets a more accurate configuration fit.
 
 The retraining loop (:mod:`aiop.mpopt.loop`) then measures the real accuracy
 gain per second (``Aco``) of the top candidates and keeps the best.
@@ -46,6 +58,7 @@ from typing import Any, Protocol, runtime_checkable
 from aiop.cg.graph import ComputeGraph
 from aiop.mconfig import MConfig, MSpace
 from aiop.mconfig.config import node_blocks
+from aiop.mpopt.device import Device, DeviceError, get_device
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +108,25 @@ class Candidate:
     accuracy_source: str  # "predicted" or "prior"
     fits: bool = False
     prediction: dict[str, Any] = field(default_factory=dict, repr=False)
+    # the device's step time in this precision relative to fp32; used only without latency
+    time_factor: float = 1.0
+    # whether latency_s was measured on the planning device (else it only informs)
+    latency_is_devices: bool = True
+
+    @property
+    def speed(self) -> float:
+        """What the speed tie-break compares (lower is faster): predicted latency when it
+        is the planning device's (not scaled again), else estimated GFLOPs scaled by the
+        device's factor for the precision."""
+        if self.latency_s is not None and self.latency_is_devices:
+            return self.latency_s
+        return self.step_gflops * self.time_factor
+
+    @property
+    def speed_source(self) -> str:
+        if self.latency_s is not None and self.latency_is_devices:
+            return "predicted latency"
+        return "GFLOPs × precision factor"
 
     @property
     def spec(self) -> str:
@@ -114,8 +146,7 @@ class Candidate:
         return "memory rule: " + " + ".join(used)
 
     def sort_key(self) -> tuple[float, float, int]:
-        speed = self.latency_s if self.latency_s is not None else self.step_gflops
-        return (-round(self.accuracy, 6), speed, self.peak_bytes)
+        return (-round(self.accuracy, 6), self.speed, self.peak_bytes)
 
     def to_dict(self, margin: float) -> dict[str, Any]:
         return {
@@ -124,6 +155,9 @@ class Candidate:
             "predicted_peak_with_margin_bytes": round(self.peak_bytes * (1 + margin)),
             "predicted_latency_s": self.latency_s,
             "estimated_step_gflops": round(self.step_gflops, 4),
+            "precision_time_factor": self.time_factor,
+            "speed": round(self.speed, 6),
+            "speed_source": self.speed_source,
             "predicted_accuracy": self.accuracy,
             "accuracy_source": self.accuracy_source,
             "rule": self.rule,
@@ -148,6 +182,8 @@ class PlanResult:
     n_evaluated: int = 0
     feasible: list[Candidate] = field(default_factory=list, repr=False)
     cached: bool = False
+    device: Device | None = None
+    budget_source: str = "given"
 
     @property
     def budget_bytes(self) -> int:
@@ -188,10 +224,50 @@ class PlanResult:
             if c.latency_s is not None
             else f"about {c.step_gflops:.2f} GFLOPs per step"
         )
+        prec = self.precision_explanation()
         return (
             f"{head}. Chose {c.spec}: predicted peak {c.peak_bytes / MB:.1f} MB "
             f"({c.peak_bytes * (1 + self.margin) / MB:.1f} MB with margin); {c.rule}; "
-            f"{acc}; {speed}."
+            f"{acc}; {speed}." + (f" {prec}" if prec else "")
+        )
+
+    def precision_explanation(self) -> str:
+        """Why the chosen precision: the device's speed in it, and the best rival precision."""
+        c, dev = self.chosen, self.device
+        if c is None or dev is None:
+            return ""
+        rivals = [x for x in self.feasible if x.config.prec != c.config.prec]
+        best = rivals[0] if rivals else None  # feasible is ranked
+        if c.config.prec != "fp32":
+            why = dev.precision_note(c.config.prec)
+            if best is None:
+                return f"{c.config.prec} chosen: no fp32 configuration fits; {why}."
+            if round(best.accuracy, 6) < round(c.accuracy, 6):
+                return (
+                    f"{c.config.prec} chosen although {why}: it lets a more accurate "
+                    f"configuration fit (best {best.config.prec}: {best.spec}, accuracy "
+                    f"{best.accuracy:.3f} vs {c.accuracy:.3f})."
+                )
+            return (
+                f"{c.config.prec} chosen: {why}, and it costs no accuracy there "
+                f"(best {best.config.prec}: {best.spec}, equally accurate but slower)."
+            )
+        halves = [p for p in dev.precisions if p != "fp32"]
+        if best is None:
+            if not halves:
+                return f"fp32: {dev.name} trains in no half precision."
+            return "fp32: no half-precision configuration was planned or fits."
+        half = best.config.prec
+        why = dev.precision_note(half)
+        if round(best.accuracy, 6) == round(c.accuracy, 6):
+            return (
+                f"{half} not chosen: {why}, so the equally accurate {best.spec} is slower "
+                f"(speed {best.speed:.3g} vs {c.speed:.3g}, {c.speed_source})."
+            )
+        touch = "" if dev.is_fast(half) else f", {half}'s touch of rounding included"
+        return (
+            f"{half} not chosen: {why}; its best candidate {best.spec} ranks lower on "
+            f"accuracy ({best.accuracy:.3f} vs {c.accuracy:.3f}{touch})."
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -199,6 +275,9 @@ class PlanResult:
         return {
             "budget_mb": self.budget_mb,
             "budget_bytes": self.budget_bytes,
+            "budget_source": self.budget_source,
+            "device": self.device.to_dict() if self.device else None,
+            "precision_explanation": self.precision_explanation(),
             "time_budget_s": self.time_budget_s,
             "margin": self.margin,
             "margin_source": self.margin_source,
@@ -224,15 +303,32 @@ def graph_blocks(cg: ComputeGraph) -> int:
     return max(known) + 1 if known else 0
 
 
-def default_space(cg: ComputeGraph, batch_size: int = 64) -> MSpace:
+def planned_precisions(device: Device | str | None = None) -> tuple[str, ...]:
+    """fp32 and the device's half precision: bf16 unless fp16 is more than 10 % faster
+    (bf16 needs no loss scaling and keeps fp32's range; a closer gap is measurement
+    noise). bf16 and fp16 have the same memory, so planning both would only double
+    the candidates; a device that trains in no half precision plans fp32 alone."""
+    dev = get_device(device)
+    halves = [p for p in ("bf16", "fp16") if p in dev.precision_time]
+    if not halves:
+        return ("fp32",)
+    if len(halves) == 2 and dev.time_factor("fp16") >= 0.9 * dev.time_factor("bf16"):
+        return ("fp32", "bf16")
+    return ("fp32", min(halves, key=dev.time_factor))
+
+
+def default_space(
+    cg: ComputeGraph, batch_size: int = 64, device: Device | str | None = None
+) -> MSpace:
     """MPOptimizer's grid for ``cg``: micro-batch/accumulation pairs of ``batch_size``,
     freezing 0–90 % (100 % trains nothing), 0..⌊√blocks⌋ checkpoint segments, every
-    train method, fp32 and bf16 (fp16 has bf16's memory), SGD."""
+    train method, fp32 and the device's half precision (:func:`planned_precisions`:
+    bf16 on ``cpu`` and ``cuda``, fp16 on ``edge``), SGD."""
     return MSpace.for_model(
         graph_blocks(cg),
         batch_size=batch_size,
         freezes=tuple(round(0.1 * i, 1) for i in range(10)),
-        precisions=("fp32", "bf16"),
+        precisions=planned_precisions(device),
     )
 
 
@@ -264,16 +360,51 @@ def margin_from(predictor: Any) -> tuple[float, str]:
     return DEFAULT_MARGIN, "default: the predictor carries no error quantiles"
 
 
-def accuracy_prior(config: MConfig, has_batchnorm: bool = True) -> float:
+def frozen_shares(cg: ComputeGraph, freezes: Sequence[float]) -> dict[float, float]:
+    """For each freezing rate, the share of ``cg``'s parameters it freezes.
+
+    The freezing rate counts parameterised layers from the input; the first layers
+    of a CNN are narrow, so freezing half of MobileNetV2's layers freezes 8 % of its
+    parameters and half of ResNet-18's 9 %.
+    """
+    total = sum(n.params or 0 for n in cg.nodes)
+    out: dict[float, float] = {}
+    for f in sorted(set(freezes)):
+        if f <= 0 or total <= 0:
+            out[f] = 0.0 if f <= 0 else float(f)
+            continue
+        trainable = MConfig(batch_size=1, freeze=f).node_flags(cg)["trainable"]
+        frozen = sum(n.params or 0 for n, t in zip(cg.nodes, trainable) if not t)
+        out[f] = frozen / total
+    return out
+
+
+def accuracy_prior(
+    config: MConfig,
+    has_batchnorm: bool = True,
+    device: Device | None = None,
+    frozen_share: float | None = None,
+) -> float:
     """MPOptimizer's order of memory techniques as a number (higher: more accurate).
 
     Not a measured accuracy: it only orders configurations. Micro-batching and
     checkpointing keep the maths of a step (except BatchNorm statistics over tiny
-    micro-batches); train methods and freezing shrink what adapts.
+    micro-batches); train methods and freezing shrink what adapts. Freezing costs
+    in proportion to ``frozen_share``, the share of the parameters it freezes
+    (:func:`frozen_shares`; the freezing rate itself when not given): the early
+    layers it freezes first hold few parameters and general features that
+    transfer (Yosinski et al., 2014), so full fine-tuning of the later half beats
+    bias-only training of every layer. Measured on MobileNetV2 adapting to
+    corrupted digits (``benchmarks/results/mpopt.md``): full with 50 % of the
+    layers frozen 0.832, full 0.830, TinyTL-L+B 0.817. Half precision
+    costs a touch (rounding in autocast), except on a ``device`` where it is
+    faster than fp32: mixed precision is how such a device trains (fp32 master
+    weights; Micikevicius et al., 2018), and there the speed tie-break, not the
+    prior, decides between it and fp32.
     """
     score = METHOD_PRIOR[config.method]
-    score -= 0.1 * config.freeze
-    if config.prec != "fp32":
+    score -= 0.1 * (config.freeze if frozen_share is None else frozen_share)
+    if config.prec != "fp32" and not (device is not None and device.is_fast(config.prec)):
         score -= 0.002
     if has_batchnorm and config.mb < 8:
         score -= 0.01 * (3 - int(math.log2(config.mb)))  # mb 1: -0.03, 2: -0.02, 4: -0.01
@@ -409,13 +540,19 @@ def _bounded_search(
     flags: dict[str, bool],
     top_k: int,
     has_bn: bool,
+    device: Device | None = None,
+    shares: dict[float, float] | None = None,
 ) -> None:
     """Ask the predictor group by group (same method and freezing), best prior first, and
     stop when the next group's best prior cannot beat the current ``top_k``-th candidate."""
     groups: dict[tuple[str, float], list[MConfig]] = {}
     for c in configs:
         groups.setdefault((c.method, round(c.freeze, 6)), []).append(c)
-    bound = {k: max(accuracy_prior(c, has_bn) for c in v) for k, v in groups.items()}
+    shares = shares or {}
+    bound = {
+        k: max(accuracy_prior(c, has_bn, device, shares.get(c.freeze)) for c in v)
+        for k, v in groups.items()
+    }
     order = sorted(groups, key=lambda k: -bound[k])
     i = 0
     while i < len(order):
@@ -433,9 +570,10 @@ def _bounded_search(
 
 def plan(
     cg: ComputeGraph,
-    budget_mb: float,
+    budget_mb: float | None,
     predictor: PredictorLike,
     *,
+    device: Device | str | None = None,
     space: MSpace | None = None,
     time_budget_s: float | None = None,
     top_k: int = 10,
@@ -457,6 +595,12 @@ def plan(
     With ``strict`` (the default), raises :class:`PlanError` when nothing fits,
     naming the smallest predicted peak; otherwise the result's ``chosen`` is None.
 
+    ``device`` (a :class:`~aiop.mpopt.device.Device`, a built-in name or a JSON
+    file; default ``cpu``, this machine) gives the budget when ``budget_mb`` is
+    None, the half precision of the default space, and the step-time factor of
+    each precision for the speed tie-break when the predictions carry no
+    ``latency_s`` (a predicted latency is the device's own: not scaled again).
+
     ``search="bounded"`` asks the predictor about groups of configurations in
     order of their best possible accuracy prior and stops once no unasked group
     can enter the top ``top_k``: the same ranking as ``"exhaustive"`` at a
@@ -465,7 +609,24 @@ def plan(
     accuracy heads makes it ask everything, since the prior no longer bounds).
     """
     t0 = time.perf_counter()
-    if not isinstance(budget_mb, int | float) or not math.isfinite(budget_mb) or budget_mb <= 0:
+    try:
+        dev = get_device(device)
+    except DeviceError as exc:
+        raise PlanError(str(exc)) from None
+    budget_source = "given"
+    if budget_mb is None:
+        if dev.memory_budget_mb is None:
+            raise PlanError(
+                f"no memory budget: give one, or a device with memory_budget_mb ({dev.name} "
+                "has none)"
+            )
+        budget_mb, budget_source = dev.memory_budget_mb, f"device {dev.name}'s memory"
+    if (
+        isinstance(budget_mb, bool)
+        or not isinstance(budget_mb, int | float)
+        or not math.isfinite(budget_mb)
+        or budget_mb <= 0
+    ):
         raise PlanError(f"the memory budget must be a positive number of MB, got {budget_mb!r}")
     if time_budget_s is not None and (
         not isinstance(time_budget_s, int | float) or not time_budget_s > 0
@@ -486,7 +647,7 @@ def plan(
     else:
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise PlanError(f"batch_size must be a positive integer, got {batch_size!r}")
-        space = space or default_space(cg, batch_size or 64)
+        space = space or default_space(cg, batch_size or 64, dev)
         configs = list(space)
     if not configs:
         raise PlanError("no candidate configurations to plan over")
@@ -495,6 +656,13 @@ def plan(
     if not configs:
         raise PlanError(
             f"every candidate asks for more checkpoint segments than the {n_blocks} blocks"
+        )
+
+    configs = [c for c in configs if c.prec in dev.precision_time]
+    if not configs:
+        raise PlanError(
+            f"every candidate uses a precision {dev.name} does not train in "
+            f"(it has {', '.join(dev.precisions)})"
         )
 
     min_mb = min_micro_batch(cg)
@@ -506,6 +674,13 @@ def plan(
         )
 
     has_bn = any(n.op == "BatchNormalization" for n in cg.nodes)
+    shares = frozen_shares(cg, [c.freeze for c in configs])
+    # a latency head predicts the device its labels were measured on (the shipped one: cpu)
+    meta = getattr(predictor, "meta", None)
+    latency_device = getattr(predictor, "latency_device", None) or (
+        meta.get("latency_device") if isinstance(meta, dict) else None
+    )
+    own_latency = dev.name == (latency_device or "cpu")
     totals = GraphTotals.of(cg)
     budget_bytes = budget_mb * MB
     pool: list[Candidate] = []
@@ -524,9 +699,13 @@ def plan(
                 peak_bytes=int(p["peak_memory_bytes"]),
                 latency_s=float(latency) if latency is not None else None,
                 step_gflops=step_gflops(totals, c, p.get("trainable_params")),
-                accuracy=acc if acc is not None else accuracy_prior(c, has_bn),
+                accuracy=acc
+                if acc is not None
+                else accuracy_prior(c, has_bn, dev, shares.get(c.freeze)),
                 accuracy_source="predicted" if acc is not None else "prior",
                 prediction=p,
+                time_factor=dev.time_factor(c.prec),
+                latency_is_devices=own_latency,
             )
             cand.fits = cand.peak_bytes * (1 + margin) <= budget_bytes and (
                 time_budget_s is None
@@ -537,7 +716,7 @@ def plan(
     if search == "exhaustive":
         evaluate(configs)
     elif search == "bounded":
-        _bounded_search(configs, evaluate, pool, flags, top_k, has_bn)
+        _bounded_search(configs, evaluate, pool, flags, top_k, has_bn, dev, shares)
     else:
         raise PlanError(f"unknown search {search!r}; choose exhaustive or bounded")
     cached = flags["cached"]
@@ -563,6 +742,8 @@ def plan(
         n_feasible=len(feasible),
         feasible=feasible,
         cached=cached,
+        device=dev,
+        budget_source=budget_source,
     )
     result.planning_seconds = round(time.perf_counter() - t0, 6)
     if not feasible and strict:
@@ -579,14 +760,15 @@ def plan(
 
 def plan_model(
     model: str,
-    budget_mb: float,
+    budget_mb: float | None,
     predictor: PredictorLike | None = None,
     *,
     input_shape: Sequence[int] | None = None,
     **kwargs: Any,
 ) -> PlanResult:
     """:func:`plan` for a ``MODEL`` argument (a .onnx/.pb/.json path, ``zoo:NAME`` or
-    ``family:FAMILY:SEED``) with the shipped predictor unless one is given."""
+    ``family:FAMILY:SEED``) with the shipped predictor unless one is given; ``kwargs``
+    go to :func:`plan` (``device=``, ``time_budget_s=``, ``batch_size=``, ...)."""
     from aiop.cg import graph_for_model
 
     if predictor is None:

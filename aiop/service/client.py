@@ -20,13 +20,62 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import IO, Any, Protocol
 
 import httpx
 
 from aiop.service.errors import RemoteError, RemoteUnavailable
 
 log = logging.getLogger(__name__)
+
+
+class _Process(Protocol):
+    """What :func:`wait_until_healthy` needs of a server process (``subprocess.Popen``)."""
+
+    returncode: int | None
+    stderr: IO[bytes] | None
+
+    def poll(self) -> int | None: ...
+
+
+def wait_until_healthy(
+    url: str, proc: _Process | None = None, timeout: float = 120.0, interval: float = 0.2
+) -> dict[str, Any]:
+    """Poll ``GET url/healthz`` until it answers 200; returns its JSON.
+
+    ``proc``, the server's process if this side started it, turns a server
+    that dies while starting into an immediate error (with the tail of its
+    stderr when that was piped) instead of a wait until ``timeout``. Raises
+    :class:`~aiop.service.errors.RemoteUnavailable` (a ``ValueError``) when the
+    process exits or ``timeout`` seconds pass; it never kills ``proc``: the
+    caller that started it decides.
+    """
+    base = url.rstrip("/")
+    deadline = time.monotonic() + timeout
+    last = "no answer yet"
+    while True:
+        if proc is not None and proc.poll() is not None:
+            tail = ""
+            if proc.stderr is not None:
+                try:
+                    text = proc.stderr.read().decode(errors="replace").strip()
+                except (OSError, ValueError):  # closed or non-blocking pipe
+                    text = ""
+                tail = f": {text[-2000:]}" if text else ""
+            raise RemoteUnavailable(
+                f"the server process exited with code {proc.returncode} while starting{tail}",
+                base,
+            )
+        try:
+            response = httpx.get(base + "/healthz", timeout=max(interval, 1.0))
+            if response.status_code == 200:
+                return response.json()
+            last = f"/healthz answered HTTP {response.status_code}"
+        except httpx.HTTPError as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        if time.monotonic() >= deadline:
+            raise RemoteUnavailable(f"not healthy after {timeout:g} s ({last})", base)
+        time.sleep(interval)
 
 
 class RemotePredictor:
