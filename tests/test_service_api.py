@@ -137,6 +137,17 @@ def test_plan_endpoint(client, small_cg):
     # nothing fits a 0.01 MB budget: the planner's PlanError becomes a 422 with its message
     r = client.post("/v1/plan", json={"graph_id": small_cg.fingerprint, "budget_mb": 0.01})
     assert r.status_code == 422 and "smallest predicted" in r.json()["error"]
+    # a built-in device reaches the planner; a device file path is never read by the server
+    r = client.post(
+        "/v1/plan", json={"graph_id": small_cg.fingerprint, "budget_mb": 64, "device": "edge"}
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["device"]["name"] == "edge" and r.json()["precision_explanation"]
+    r = client.post(
+        "/v1/plan",
+        json={"graph_id": small_cg.fingerprint, "budget_mb": 64, "device": "/etc/passwd"},
+    )
+    assert r.status_code == 422
 
 
 def test_api_keys(tmp_path, predictors, monkeypatch):

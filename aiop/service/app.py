@@ -780,6 +780,7 @@ def create_app(
                 top_k=req.top_k,
                 margin=req.margin,
                 batch_size=req.batch_size,
+                device=req.device,
             )
             return result.to_dict()
 

@@ -266,13 +266,16 @@ class RemotePredictor:
         time_budget_s: float | None = None,
         margin: float | None = None,
         batch_size: int | None = None,
+        device: str | None = None,
     ) -> dict[str, Any]:
-        """The server's plan under ``budget_mb`` (``PlanResult.to_dict()`` plus the graph id)."""
+        """The server's plan under ``budget_mb`` (``PlanResult.to_dict()`` plus the graph id);
+        ``device`` is a built-in device name (``cpu``, ``cuda``, ``edge``)."""
         body: dict[str, Any] = {"budget_mb": budget_mb, "top_k": top_k, "predictor": self.predictor}
         for key, value in (
             ("time_budget_s", time_budget_s),
             ("margin", margin),
             ("batch_size", batch_size),
+            ("device", device),
         ):
             if value is not None:
                 body[key] = value

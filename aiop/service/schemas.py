@@ -9,7 +9,7 @@ a server's settings.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -145,6 +145,10 @@ class PlanRequest(GraphRef):
     margin: float | None = Field(default=None, ge=0, lt=1, description="safety margin (fraction)")
     batch_size: int | None = Field(default=None, ge=1, le=65536)
     predictor: str = Field(default="default", max_length=64)
+    # built-in devices only: a server never reads a device file a client names
+    device: Literal["cpu", "cuda", "edge"] | None = Field(
+        default=None, description="the device planned for (aiop.mpopt.device); default: none"
+    )
 
 
 class PlanResponse(BaseModel):
