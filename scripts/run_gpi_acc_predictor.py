@@ -4,6 +4,11 @@
     python scripts/run_gpi_acc_predictor.py -cache_file data/labels.db \
         -family_test ofa_pn#5 -targets memory -epochs 60 -num_seeds 2 \
         -fine_tune_epochs 20 -k_adapt 3 -family_k ofa_mbv3 -output_dir runs/gpi
+    python scripts/run_gpi_acc_predictor.py -cache_file data/labels.db \
+        -family_test ofa_resnet -targets latency -epochs 40 -num_seeds 1
+
+Latency labels are one-thread CPU steps (``-mode real -profiler latency``); the
+latency model's device constants are fitted on the training families only.
 
 Trains on ``-family_train`` (default: every family not held out), holds out
 the families of ``-family_test`` (``A#N``: N architectures of A fine-tune, the
@@ -54,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-family_test", required=True, help="held-out families, e.g. ofa_pn#5+zoo#2")
     p.add_argument("-targets", nargs="+", default=["memory"], help="memory latency flops acc")
     p.add_argument("-tar_norm", default="stand", choices=["stand", "stand_flops"])
+    p.add_argument(
+        "-no_analytic",
+        action="store_true",
+        help="AIO-P's setting: the heads predict memory/latency themselves (log normaliser), "
+        "no analytic estimate to correct",
+    )
+    p.add_argument("-latency_device", default="cpu", help="device of the latency labels")
+    p.add_argument("-latency_mode", default="real", help="mode of the latency labels")
     p.add_argument("-epochs", type=int, default=60)
     p.add_argument("-batch_size", type=int, default=64)
     p.add_argument("-lr", type=float, default=1e-3)
@@ -123,7 +136,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         make_spec(args.gnn)
         if not Path(args.cache_file).is_file():
             raise UsageError(f"no such store: {args.cache_file}")
-        samples = load_samples(args.cache_file, args.targets, args.device, args.mode)
+        samples = load_samples(
+            args.cache_file,
+            args.targets,
+            args.device,
+            args.mode,
+            latency_device=args.latency_device,
+            latency_mode=args.latency_mode,
+        )
         targets = targets_present(samples)
         for t in args.targets:
             if t != "acc" and t not in targets:
@@ -180,6 +200,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             lr=args.lr,
             seed=seed,
             progress=False,
+            analytic=not args.no_analytic,
         )
         if not split.train:
             raise UsageError("no training samples in -family_train")

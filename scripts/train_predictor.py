@@ -6,7 +6,10 @@
 
 A deterministic 10 % of the graphs is held out: the predictor is fitted on the
 rest and its error quantiles on the held-out graphs are saved with it (the
-planner's safety margin). Evaluate generalisation to unseen families with
+planner's safety margin). With latency labels (``-mode real -profiler latency``,
+one-thread CPU steps) the analytic latency model's device constants are fitted
+on the training graphs' labels and stored in the file's JSON metadata: a new
+device needs only its own labels and this command. Evaluate generalisation to unseen families with
 ``scripts/run_gpi_acc_predictor.py`` / ``benchmarks/predictor_accuracy.py``.
 """
 
@@ -58,6 +61,14 @@ def main(argv: list[str] | None = None) -> int:
             "families": sorted({s.family for s in samples}),
             "command": " ".join(["scripts/train_predictor.py", *(argv or sys.argv[1:])]),
         }
+        if predictor.latency_model is not None:
+            lm = predictor.latency_model
+            predictor.meta["latency_model"] = {
+                "n_labels": lm.n_labels,
+                "fit_median_ape": lm.fit_median_ape,
+                "device": lm.device,
+                **lm.describe(),
+            }
         if held:
             predictor.calibrate(held)
         out = Path(args.output)

@@ -305,6 +305,9 @@ class KAdapterPredictor(Predictor):
         self.k_epochs = k_epochs
         if base is not None:
             self._featurizer = base._featurizer  # share the graph cache
+            # the base's targets are ratios to its analytic estimates: keep them
+            self.analytic = base.analytic
+            self.latency_model = base.latency_model
 
     # -- data -------------------------------------------------------------------------------
     def _tensors(self, samples: Sequence[Sample]):

@@ -64,10 +64,12 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from aiop.cg.flops import node_flops
 from aiop.cg.graph import ComputeGraph, ConstTensor, Edge, Node, tensor_bytes
 from aiop.cg.vocab import VIEW_OPS
 from aiop.mconfig import MConfig
 from aiop.mconfig.config import cg_plan, node_blocks
+from aiop.predictor.latency import LatencyGraph, LatencyPlan, latency_graph, latency_plan
 
 _SAVES_OUTPUT = frozenset(
     {"Relu", "Sigmoid", "Tanh", "Softmax", "LogSoftmax", "Sqrt", "Exp", "Reciprocal"}
@@ -220,6 +222,9 @@ class GraphInfo:
     total_params: int
     buffer_bytes: int  # norm running statistics and BatchNorm's batch counters
     half_copy: list[int]  # bytes of the half weight copy autocast makes for the node
+    # :func:`saved_tensors` results by (trainable nodes, weight-trainable nodes, grad sources,
+    # half): configs that differ only in checkpointing share them
+    saved_memo: dict[tuple, tuple] = field(default_factory=dict, repr=False, compare=False)
 
 
 def _half_outputs(
@@ -626,6 +631,114 @@ class ActivationProfile:
         return max(self.forward_act, default=0)
 
 
+@dataclass(frozen=True)
+class _GradientWalk:
+    """The part of the backward walk that checkpointing does not change: which gradient
+    storages are alive at each timeline point, and the parameter gradients made so far.
+
+    ``points``: per backward op (reverse forward order, ops that need a gradient only):
+    its node, the gradient bytes alive while it runs (fp32, autocast), the half-width
+    weight gradient it makes under autocast (0: none) and the gradient bytes alive once
+    that is cast (fp32, autocast). ``grads`` / ``fresh``: per mode, the parameter-gradient
+    bytes of :class:`ActivationProfile` at every timeline point.
+    """
+
+    points: tuple[tuple[int, int, int, int, int, int], ...]
+    grads: tuple[list[int], list[int]]
+    fresh: tuple[list[int], list[int]]
+
+
+def _gradient_walk(
+    info: GraphInfo,
+    requires_grad: list[bool],
+    size_f: dict[tuple[int, int], int],
+    size_h: dict[tuple[int, int], int],
+    weight_trainable: list[bool],
+    train_numel: list[int],
+) -> _GradientWalk:
+    """Walk the backward pass once for the gradients alone (see :func:`simulate_both`):
+    a gradient lives from the op that makes it to the op that consumes it; views, Add
+    and Concat pass their output's gradient on without a copy; two gradients of one
+    tensor are summed into a new one."""
+    grad_store: dict[int, list[int]] = {}  # id -> [fp32 bytes, autocast bytes, references]
+    pending: dict[tuple[int, int], int] = {}  # (node, port) -> storage id of its gradient
+    grad_live = [0, 0]
+    next_id = 0
+
+    def new_grad(key: tuple[int, int]) -> int:
+        nonlocal next_id
+        next_id += 1
+        f, h = size_f.get(key, 0), size_h.get(key, 0)
+        grad_store[next_id] = [f, h, 1]
+        grad_live[0] += f
+        grad_live[1] += h
+        return next_id
+
+    def release(sid: int) -> None:
+        entry = grad_store[sid]
+        entry[2] -= 1
+        if entry[2] == 0:
+            grad_live[0] -= entry[0]
+            grad_live[1] -= entry[1]
+            del grad_store[sid]
+
+    preds, n_ports = info.preds, info.n_ports
+    for key in info.outputs:  # the loss's gradient of the logits
+        pending[key] = new_grad(key)
+    param_grads = 0
+    points: list[tuple[int, int, int, int, int, int]] = []
+    grads: tuple[list[int], list[int]] = ([], [])
+    fresh_s: tuple[list[int], list[int]] = ([], [])
+    for i in range(len(requires_grad) - 1, -1, -1):
+        if not requires_grad[i]:
+            continue
+        param_grads += 4 * train_numel[i]
+        outs = [sid for p in range(n_ports[i]) if (sid := pending.pop((i, p), None)) is not None]
+        passes = info.eff_op[i] in _GRAD_PASSING_OPS and len(outs) == 1
+        grads_in: list[tuple[tuple[int, int], int]] = []
+        for s, sp, _ in preds[i]:
+            if not requires_grad[s]:
+                continue
+            if passes:
+                grad_store[outs[0]][2] += 1
+                grads_in.append(((s, sp), outs[0]))
+            else:
+                grads_in.append(((s, sp), new_grad((s, sp))))
+        # A parameter's gradient is made here; with accumulation it is then added into
+        # ``.grad`` and freed. Under autocast the op makes it for the half copy of the
+        # weight, and the cast's own backward turns it into fp32 after the op has
+        # released what it saved (the copy among it).
+        half_grad = (
+            2 * info.weight_numel[i]
+            if weight_trainable[i] and info.eff_op[i] in _LOW_PRECISION_OPS
+            else 0
+        )
+        fresh = 4 * train_numel[i]
+        during = (grad_live[0], grad_live[1])
+        grads[0].append(param_grads)
+        fresh_s[0].append(fresh)
+        grads[1].append(param_grads - (fresh if half_grad else 0))
+        fresh_s[1].append(0 if half_grad else fresh)
+        for sid in outs:
+            release(sid)
+        for key, sid in grads_in:
+            old = pending.get(key)
+            if old is None:
+                pending[key] = sid
+            else:  # accumulate: a new sum replaces both
+                total = new_grad(key)
+                release(old)
+                release(sid)
+                pending[key] = total
+        if half_grad:  # (in fp32 a plain moment after the op)
+            grads[0].append(param_grads)
+            fresh_s[0].append(0)
+            grads[1].append(param_grads)
+            fresh_s[1].append(fresh)
+        points.append((i, during[0], during[1], half_grad, grad_live[0], grad_live[1]))
+    return _GradientWalk(tuple(points), grads, fresh_s)
+
+
 def simulate_step(
     cg: ComputeGraph,
     own_trainable: list[bool],
@@ -703,26 +816,52 @@ def simulate_both(
             own_trainable[k], weight_trainable[k], train_numel[k] = False, False, 0
     n = cg.num_nodes
     preds = info.preds
-    outputs = info.outputs
     modes = []  # per precision: sizes, saves, kept, per-node saved weight copies
     requires_grad: list[bool] = []
+    memo_key = (tuple(own_trainable), tuple(weight_trainable), grad_sources)
+    seg_nodes = [i for i, seg in enumerate(segments_of_node) if seg is not None]
+    seg_inputs: set[tuple[int, int]] | None = None
+    extras_of: list[tuple[list[tuple[int, tuple[int, int], int]], list[tuple[int, int]]]] = []
     for half in (False, True):
-        requires_grad, sizes, saves = saved_tensors(
-            cg, own_trainable, grad_sources, weight_trainable=weight_trainable, half=half, info=info
-        )
+        memo = info.saved_memo.get((*memo_key, half))
+        if memo is None:
+            saved = saved_tensors(
+                cg,
+                own_trainable,
+                grad_sources,
+                weight_trainable=weight_trainable,
+                half=half,
+                info=info,
+            )
+            _, sizes, saves = saved
+            memo = info.saved_memo[(*memo_key, half)] = (
+                *saved,
+                [i for i in range(n) if saves[i].keys or saves[i].weight],  # the savers
+                # tensors ops make besides their outputs (indices, masks, casts), and
+                # max-pooling's indices where nothing saves them
+                (
+                    [(i, key, sizes[key]) for i in range(n) for key in saves[i].extra],
+                    [(i, b) for i, b in info.indices.items() if not saves[i].extra],
+                ),
+            )
+        requires_grad, sizes, saves, savers, extras = memo  # (read only: shared by calls)
+        extras_of.append(extras)
         kept: set[tuple[int, int]] = set()
         fixed_saver: list[int] = [0] * n  # saved weight copies, by the node that saved them
-        for i in range(n):
+        for i in savers:
             if segments_of_node[i] is None:
                 kept.update(saves[i].keys)
                 fixed_saver[i] = saves[i].weight
-        for i in range(n):  # a segment keeps its inputs from outside
-            seg = segments_of_node[i]
-            if seg is not None and requires_grad[i]:
-                for s, sp, _ in preds[i]:
-                    if segments_of_node[s] != seg:
-                        st = info.storage[s]
-                        kept.add(st[sp] if sp < len(st) else (s, sp))
+        if seg_inputs is None:  # a segment keeps its inputs from outside (either precision)
+            seg_inputs = set()
+            for i in seg_nodes:
+                if requires_grad[i]:
+                    seg = segments_of_node[i]
+                    for s, sp, _ in preds[i]:
+                        if segments_of_node[s] != seg:
+                            st = info.storage[s]
+                            seg_inputs.add(st[sp] if sp < len(st) else (s, sp))
+        kept |= seg_inputs
         modes.append((sizes, saves, kept, fixed_saver))
     grad_on = any(requires_grad)
 
@@ -730,7 +869,9 @@ def simulate_both(
     # Each storage is alive from the op that makes it to the op after which it is freed
     # (never, in the forward pass, when saved): a difference array over the ops.
     forward = []
-    for half, (sizes, saves, kept, fixed_saver) in zip((False, True), modes):
+    for half, (_, _, kept, fixed_saver), (extras, lone_indices) in zip(
+        (False, True), modes, extras_of
+    ):
         release = info.fwd_release.copy()
         key_pos = info.fwd_key_pos
         for key in kept:
@@ -741,15 +882,14 @@ def simulate_both(
         delta = np.zeros(n + 2)
         np.add.at(delta, info.fwd_alloc, size)
         np.add.at(delta, release + 1, -size)
-        for i in range(n):  # tensors an op makes besides its outputs: indices, masks, casts
-            extra = saves[i].extra
-            if extra:
-                for key in extra:
-                    delta[i] += sizes[key]
-                    delta[(n if key in kept else i) + 1] -= sizes[key]
-            elif i in info.indices:  # max-pooling makes its indices regardless
-                delta[i] += info.indices[i]
-                delta[i + 1] -= info.indices[i]
+        # tensors an op makes besides its outputs (indices, masks, casts): alive for the op,
+        # or until backward when saved; max-pooling makes its indices regardless
+        for i, key, b in extras:
+            delta[i] += b
+            delta[(n if key in kept else i) + 1] -= b
+        for i, b in lone_indices:
+            delta[i] += b
+            delta[i + 1] -= b
         fwd_act = np.cumsum(delta)[:n]
         if half:
             copy = np.asarray(info.half_copy, float)
@@ -776,11 +916,14 @@ def simulate_both(
     live_fixed = saved_fixed  # (fp32 saves no weight copies)
     free_after: list[dict[int, int]] = []  # node -> bytes freed after its backward
     seg_prefix: list[dict[int, tuple[list[int], list[int], list[int], list[int]]]] = []
-    for sizes, saves, kept, _ in modes:
-        first_saver: dict[tuple[int, int], int] = {}
-        for i in range(n):
-            for key in saves[i].keys:
-                first_saver.setdefault(key, i)
+    for half, (sizes, saves, kept, _) in zip((False, True), modes):
+        first_saver = info.saved_memo.get(("first_saver", *memo_key, half))
+        if first_saver is None:  # the first op (in forward order) that saves each tensor
+            first_saver = {}
+            for i in range(n):
+                for key in saves[i].keys:
+                    first_saver.setdefault(key, i)
+            info.saved_memo[("first_saver", *memo_key, half)] = first_saver
         freed: dict[int, int] = {}
         for key in kept:
             at = first_saver.get(key, 0)
@@ -789,14 +932,13 @@ def simulate_both(
         # recomputed segments: their saved tensors by first saver, as prefix sums
         seg_first: dict[int, dict[tuple[int, int], int]] = {}
         seg_fixed: dict[int, list[tuple[int, int]]] = {}
-        for i in range(n):
+        for i in seg_nodes:
             seg = segments_of_node[i]
-            if seg is not None:
-                for key in saves[i].keys:
-                    if key not in kept:
-                        seg_first.setdefault(seg, {}).setdefault(key, i)
-                if saves[i].weight:
-                    seg_fixed.setdefault(seg, []).append((i, saves[i].weight))
+            for key in saves[i].keys:
+                if key not in kept:
+                    seg_first.setdefault(seg, {}).setdefault(key, i)
+            if saves[i].weight:
+                seg_fixed.setdefault(seg, []).append((i, saves[i].weight))
         prefix = {}
         for seg in set(seg_first) | set(seg_fixed):
             order = sorted((i, sizes[k]) for k, i in seg_first.get(seg, {}).items())
@@ -818,104 +960,51 @@ def simulate_both(
         f = bisect.bisect_right(fidx, i)
         return (cum[k - 1] if k else 0), (fcum[f - 1] if f else 0)
 
-    # gradient storages: id -> [fp32 bytes, autocast bytes, references]
-    size_f, size_h = modes[0][0], modes[1][0]
-    grad_store: dict[int, list[int]] = {}
-    pending: dict[tuple[int, int], int] = {}  # (node, port) -> storage id of its gradient
-    grad_live = [0, 0]
-    next_id = 0
-
-    def new_grad(key: tuple[int, int]) -> int:
-        nonlocal next_id
-        next_id += 1
-        f, h = size_f.get(key, 0), size_h.get(key, 0)
-        grad_store[next_id] = [f, h, 1]
-        grad_live[0] += f
-        grad_live[1] += h
-        return next_id
-
-    def release(sid: int) -> None:
-        entry = grad_store[sid]
-        entry[2] -= 1
-        if entry[2] == 0:
-            grad_live[0] -= entry[0]
-            grad_live[1] -= entry[1]
-            del grad_store[sid]
-
-    n_ports = info.n_ports
-    for key in outputs:  # the loss's gradient of the logits
-        pending[key] = new_grad(key)
-    param_grads = 0
+    walk_key = (*memo_key, tuple(train_numel))
+    walk = info.saved_memo.get(walk_key)
+    if walk is None:
+        walk = info.saved_memo[walk_key] = _gradient_walk(
+            info, requires_grad, modes[0][0], modes[1][0], weight_trainable, train_numel
+        )
     series: list[tuple[list[int], list[int], list[int], list[int]]] = [
-        ([], [], [], []),
-        ([], [], [], []),
-    ]  # per mode: act, fixed, grads, fresh
-
-    def point(m: int, rec: tuple[int, int], fixed: int, grads: int, fresh: int) -> None:
-        act_l, fixed_l, grads_l, fresh_l = series[m]
-        act_l.append(live_saved[m] + grad_live[m] + rec[0])
-        fixed_l.append(fixed + rec[1])
-        grads_l.append(grads)
-        fresh_l.append(fresh)
-
-    for i in range(n - 1, -1, -1):
-        if not requires_grad[i]:
-            continue
-        param_grads += 4 * train_numel[i]
+        ([], [], walk.grads[0], walk.fresh[0]),
+        ([], [], walk.grads[1], walk.fresh[1]),
+    ]  # per mode: act, fixed, grads, fresh (the last two from the walk)
+    act_f, fixed_f = series[0][0], series[0][1]
+    act_h, fixed_h = series[1][0], series[1][1]
+    free_f, free_h = free_after
+    fixed_saver_h = modes[1][3]
+    live_f, live_h = live_saved
+    for i, gf, gh, half_grad, after_f, after_h in walk.points:
         seg = segments_of_node[i]
-        outs = [sid for p in range(n_ports[i]) if (sid := pending.pop((i, p), None)) is not None]
-        passes = info.eff_op[i] in _GRAD_PASSING_OPS and len(outs) == 1
-        grads_in: list[tuple[tuple[int, int], int]] = []
-        for s, sp, _ in preds[i]:
-            if not requires_grad[s]:
-                continue
-            if passes:
-                grad_store[outs[0]][2] += 1
-                grads_in.append(((s, sp), outs[0]))
-            else:
-                grads_in.append(((s, sp), new_grad((s, sp))))
-        # A parameter's gradient is made here; with accumulation it is then added into
-        # ``.grad`` and freed. Under autocast the op makes it for the half copy of the
-        # weight, and the cast's own backward turns it into fp32 after the op has
-        # released what it saved (the copy among it).
-        half_grad = (
-            2 * info.weight_numel[i]
-            if weight_trainable[i] and info.eff_op[i] in _LOW_PRECISION_OPS
-            else 0
-        )
-        fresh = 4 * train_numel[i]
-        none = (0, 0)
-        point(0, recomputed_alive(0, seg, i) if seg is not None else none, 0, param_grads, fresh)
-        point(
-            1,
-            recomputed_alive(1, seg, i) if seg is not None else none,
-            live_fixed + half_grad,
-            param_grads - (fresh if half_grad else 0),
-            0 if half_grad else fresh,
-        )
-        for sid in outs:
-            release(sid)
-        for key, sid in grads_in:
-            old = pending.get(key)
-            if old is None:
-                pending[key] = sid
-            else:  # accumulate: a new sum replaces both
-                total = new_grad(key)
-                release(old)
-                release(sid)
-                pending[key] = total
-        live_saved[0] -= free_after[0].get(i, 0)
-        live_saved[1] -= free_after[1].get(i, 0)
-        live_fixed -= modes[1][3][i]
+        if seg is None:
+            act_f.append(live_f + gf)
+            fixed_f.append(0)
+            act_h.append(live_h + gh)
+            fixed_h.append(live_fixed + half_grad)
+        else:
+            rf = recomputed_alive(0, seg, i)
+            rh = recomputed_alive(1, seg, i)
+            act_f.append(live_f + gf + rf[0])
+            fixed_f.append(rf[1])
+            act_h.append(live_h + gh + rh[0])
+            fixed_h.append(live_fixed + half_grad + rh[1])
+        live_f -= free_f.get(i, 0)
+        live_h -= free_h.get(i, 0)
+        live_fixed -= fixed_saver_h[i]
         if half_grad:  # the cast's backward: half and fp32 gradient of the weight
-            for m in (0, 1):  # (in fp32 a plain moment after the op)
-                point(
-                    m,
-                    recomputed_alive(m, seg, i - 1) if seg is not None else none,
-                    (live_fixed + half_grad) if m else 0,
-                    param_grads,
-                    fresh if m else 0,
-                )
+            if seg is None:
+                act_f.append(live_f + after_f)
+                fixed_f.append(0)
+                act_h.append(live_h + after_h)
+                fixed_h.append(live_fixed + half_grad)
+            else:
+                rf = recomputed_alive(0, seg, i - 1)
+                rh = recomputed_alive(1, seg, i - 1)
+                act_f.append(live_f + after_f + rf[0])
+                fixed_f.append(rf[1])
+                act_h.append(live_h + after_h + rh[0])
+                fixed_h.append(live_fixed + half_grad + rh[1])
     return tuple(  # type: ignore[return-value]
         ActivationProfile(
             forward_act=forward[m][0],
@@ -999,6 +1088,127 @@ def _weight_trainable(own_trainable: list[bool], weights_plan: list[bool] | None
 
 _WITHOUT_BIAS = {"bias": "last", "lite+bias": "lite"}
 
+_NORM_OPS = frozenset(
+    {"BatchNormalization", "GroupNormalization", "LayerNormalization", "InstanceNormalization"}
+)
+
+
+class CGPlanner:
+    """:func:`aiop.mconfig.config.cg_plan` for many configurations of one graph.
+
+    ``cg_plan`` re-derives each weighted node's layer, head membership and method rule
+    per call (about 1.5 ms on MobileNetV2); here they are read once per graph, and a
+    configuration only picks the frozen prefix of layers and the segments. The result is
+    equal to ``cg_plan``'s (a test compares them over the config space).
+    """
+
+    def __init__(self, cg: ComputeGraph, blocks: list[int | None] | None = None) -> None:
+        from aiop.mconfig.config import unit_of
+
+        nodes = list(cg.nodes)
+        self.num_nodes = len(nodes)
+        self.blocks = node_blocks(cg) if blocks is None else blocks
+        known = [b for b in self.blocks if b is not None]
+        self.n_blocks = max(known) + 1 if known else 0
+        self.weighted = [i for i, n in enumerate(nodes) if n.params > 0]
+        units: dict[str, int] = {}  # layer -> its position in forward order
+        unit_of_node: dict[int, str] = {}
+        for i in self.weighted:
+            names = nodes[i].param_names
+            unit = unit_of(names[0]) if names else f"#node{i}"
+            unit_of_node[i] = unit
+            units.setdefault(unit, len(units))
+        self.n_units = len(units)
+        self.unit_pos = {i: units[u] for i, u in unit_of_node.items()}
+        last_unit = next(reversed(units)) if units else None
+        named_head = any(u.startswith("head.") or u == "head" for u in units)
+        # per weighted node: (parameter name, in head, is norm) for the method rules
+        self._rules = {
+            i: [
+                (
+                    name,
+                    name.startswith("head.") if named_head else unit_of_node[i] == last_unit,
+                    nodes[i].op in _NORM_OPS,
+                )
+                for name in (nodes[i].param_names or [f"{unit_of_node[i]}.weight"])
+            ]
+            for i in self.weighted
+        }
+        self._by_method: dict[str, list[bool]] = {}
+        self._flags: dict[tuple[float, int, str], dict[str, list[bool]]] = {}
+        self._flag_sigs: dict[tuple[float, int, str], tuple] = {}
+        self._memo: dict[tuple[float, int, str], tuple[list[bool], list[tuple[int, int]]]] = {}
+
+    def _method_trains(self, method: str) -> list[bool]:
+        """Per node: whether ``method`` trains it before any freezing (memoised)."""
+        from aiop.mconfig.config import method_trains
+
+        out = self._by_method.get(method)
+        if out is None:
+            out = [False] * self.num_nodes
+            for i, rules in self._rules.items():
+                out[i] = any(method_trains(method, *rule) for rule in rules)
+            self._by_method[method] = out
+        return out
+
+    def plan(self, config: MConfig) -> tuple[list[bool], list[tuple[int, int]]]:
+        """``cg_plan(config, cg, blocks)``, memoised by :func:`structural_key`."""
+        key = structural_key(config)
+        hit = self._memo.get(key)
+        if hit is not None:
+            return hit
+        from aiop.models.base import split_segments
+
+        n_frozen = config.n_frozen_units(self.n_units)
+        trains = self._method_trains(config.method)
+        pos = self.unit_pos
+        trainable = [False] * self.num_nodes
+        for i in self.weighted:
+            trainable[i] = trains[i] and pos[i] >= n_frozen
+        segments: list[tuple[int, int]] = []
+        if config.ckpt and self.n_blocks and any(trainable):
+            first = trainable.index(True)
+            start = next((b for b in self.blocks[first:] if b is not None), None)
+            if start is not None and start < self.n_blocks:
+                k = min(config.ckpt, self.n_blocks - start)
+                segments = [
+                    (start + r.start, start + r.stop)
+                    for r in split_segments(self.n_blocks - start, k)
+                ]
+        self._memo[key] = (trainable, segments)
+        return trainable, segments
+
+    def node_flags(self, config: MConfig) -> dict[str, list[bool]]:
+        """``config.node_flags(cg)`` from the memoised plan: a parameterless node counts as
+        trainable once a trainable parameter lies at or before it in forward order."""
+        key = structural_key(config)
+        flags = self._flags.get(key)
+        if flags is None:
+            node_trainable, segments = self.plan(config)
+            weighted = set(self.weighted)
+            recomputed_blocks = {b for start, stop in segments for b in range(start, stop)}
+            trainable: list[bool] = []
+            seen = False
+            for i in range(self.num_nodes):
+                if i in weighted:
+                    trainable.append(node_trainable[i])
+                    seen = seen or node_trainable[i]
+                else:
+                    trainable.append(seen)
+            recomputed = [b is not None and b in recomputed_blocks for b in self.blocks]
+            flags = self._flags[key] = {"trainable": trainable, "recomputed": recomputed}
+        return {k: list(v) for k, v in flags.items()}  # (a copy: callers may change it)
+
+    def flags_signature(self, config: MConfig) -> tuple:
+        """A hashable form of :meth:`node_flags`: configs with equal signatures have the
+        same PyG graph."""
+        key = structural_key(config)
+        sig = self._flag_sigs.get(key)
+        if sig is None:
+            flags = self.node_flags(config)
+            sig = self._flag_sigs[key] = (tuple(flags["trainable"]), tuple(flags["recomputed"]))
+        return sig
+
 
 @dataclass(frozen=True)
 class StepStructure:
@@ -1018,14 +1228,17 @@ def step_structure(
     blocks: list[int | None] | None = None,
     info: GraphInfo | None = None,
     plans: dict[tuple[float, int, str], tuple[list[bool], list[tuple[int, int]]]] | None = None,
+    planner: CGPlanner | None = None,
 ) -> StepStructure:
     """The :class:`StepStructure` of ``config`` (``plans`` memoises :func:`cg_plan` results
-    by (freeze, ckpt, method) across calls)."""
+    by (freeze, ckpt, method) across calls; a ``planner`` of ``cg`` replaces both)."""
     blocks = node_blocks(cg) if blocks is None else blocks
     info = graph_info(cg) if info is None else info
     plans = {} if plans is None else plans
 
     def plan_of(method: str) -> tuple[list[bool], list[tuple[int, int]]]:
+        if planner is not None:
+            return planner.plan(config.replace(method=method))
         key = (round(config.freeze, 6), config.ckpt, method)
         if key not in plans:
             plans[key] = cg_plan(config.replace(method=method), cg, blocks)
@@ -1256,6 +1469,9 @@ def with_lite_branches(cg: ComputeGraph, blocks: list[int | None]) -> ComputeGra
                     output_dtypes=["float32"],
                     attrs=dict(lop.attrs),
                     params=sum(_numel(s) for s in lop.params.values()),
+                    flops=node_flops(
+                        lop.op, lop.attrs, [tuple(prev_shape), *lop.params.values()], [lop.shape]
+                    ),
                     buffers=lop.buffers,
                     param_names=names,
                     scope=f"{scope}/lite.{k}",
@@ -1325,9 +1541,16 @@ class _GraphContext:
     blocks: list[int | None]
     info: GraphInfo
     structures: dict[tuple[float, int, str], StepStructure] = field(default_factory=dict)
-    cg_plans: dict[tuple[float, int, str], tuple[list[bool], list[tuple[int, int]]]] = field(
-        default_factory=dict
-    )
+    planner: CGPlanner | None = None
+    # plans by what they depend on (which nodes train, their weights, the segments):
+    # structural keys that make the same structure share one simulation
+    by_structure: dict[tuple, tuple[StepPlan, StepPlan]] = field(default_factory=dict)
+    latency_graph: LatencyGraph | None = None
+    latency_by_structure: dict[tuple, LatencyPlan] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.planner is None:
+            self.planner = CGPlanner(self.cg, self.blocks)
 
 
 class PlanCache:
@@ -1341,6 +1564,8 @@ class PlanCache:
         known = [b for b in self.blocks if b is not None]
         self.n_blocks = max(known) + 1 if known else 0
         self.plans: dict[tuple[tuple[float, int, str], bool], StepPlan] = {}
+        self.latency_plans: dict[tuple[float, int, str], LatencyPlan] = {}
+        self._signatures: dict[tuple[float, int, str], tuple] = {}
         self.total_params = cg.total_params
         self.total_buffers = cg.total_buffers
         self.n_bn = sum(1 for node in cg.nodes if node.op == "BatchNormalization")
@@ -1363,18 +1588,82 @@ class PlanCache:
                 self._lite = _GraphContext(lite, node_blocks(lite), graph_info(lite))
         return self._lite
 
+    def structure(self, config: MConfig) -> StepStructure:
+        """The :class:`StepStructure` of ``config`` on the graph its method trains (memoised)."""
+        skey = structural_key(config)
+        ctx = self._context(config.method)
+        st = ctx.structures.get(skey)
+        if st is None:
+            st = ctx.structures[skey] = step_structure(
+                ctx.cg, config, ctx.blocks, ctx.info, planner=ctx.planner
+            )
+        return st
+
+    def latency_plan(self, config: MConfig) -> LatencyPlan:
+        """The :class:`~aiop.predictor.latency.LatencyPlan` of ``config``'s structural key
+        (memoised; lite methods count on the graph with TinyTL's branches)."""
+        skey = structural_key(config)
+        plan = self.latency_plans.get(skey)
+        if plan is None:
+            ctx = self._context(config.method)
+            if ctx.latency_graph is None:
+                ctx.latency_graph = latency_graph(ctx.cg, ctx.info, self.graph_batch)
+            st = self.structure(config)
+            signature = self._signature(config, st)
+            plan = ctx.latency_by_structure.get(signature)
+            if plan is None:
+                info = ctx.info
+                plan = ctx.latency_by_structure[signature] = latency_plan(
+                    ctx.latency_graph,
+                    info.preds,
+                    info.inner_of,
+                    st.own_trainable,
+                    st.weight_trainable,
+                    st.train_numel,
+                    st.segment_of,
+                    info.param_tensors,
+                    [node.params for node in ctx.cg.nodes],
+                )
+            self.latency_plans[skey] = plan
+        return plan
+
+    def _signature(self, config: MConfig, st: StepStructure) -> tuple:
+        """What a step's simulation and counts depend on (memoised per structural key)."""
+        skey = structural_key(config)
+        sig = self._signatures.get(skey)
+        if sig is None:
+            sig = self._signatures[skey] = (
+                tuple(st.own_trainable),
+                tuple(st.weight_trainable),
+                tuple(st.segment_of),
+            )
+        return sig
+
+    def node_flags(self, config: MConfig) -> dict[str, list[bool]]:
+        """``config.node_flags(cg)`` on the CG itself (not the lite-branch graph), sharing
+        the memoised node plan with the analytic model."""
+        assert self._plain.planner is not None
+        return self._plain.planner.node_flags(config)
+
+    def flags_signature(self, config: MConfig) -> tuple:
+        """:meth:`CGPlanner.flags_signature` on the CG itself."""
+        assert self._plain.planner is not None
+        return self._plain.planner.flags_signature(config)
+
     def plan(self, config: MConfig) -> StepPlan:
         skey = structural_key(config)
         key = (skey, config.prec in _HALF_PRECISIONS)
         plan = self.plans.get(key)
         if plan is None:
             ctx = self._context(config.method)
-            st = ctx.structures.get(skey)
-            if st is None:
-                st = ctx.structures[skey] = step_structure(
-                    ctx.cg, config, ctx.blocks, ctx.info, ctx.cg_plans
+            st = self.structure(config)
+            signature = self._signature(config, st)
+            pair = ctx.by_structure.get(signature)
+            if pair is None:
+                pair = ctx.by_structure[signature] = plan_both(
+                    ctx.cg, config, ctx.blocks, ctx.info.last_uses, ctx.info, st
                 )
-            full, halved = plan_both(ctx.cg, config, ctx.blocks, ctx.info.last_uses, ctx.info, st)
+            full, halved = pair
             self.plans[(skey, False)], self.plans[(skey, True)] = full, halved
             plan = halved if key[1] else full
         return plan

@@ -5,7 +5,11 @@ Targets and how they are learned:
 * ``memory`` — peak training memory (bytes): the analytic estimate times
   ``exp(correction)``; the head learns the log-ratio ``log(measured/analytic)``
   (``stand``-normalised);
-* ``latency`` — seconds per training step (``log`` normaliser);
+* ``latency`` — seconds per optimizer step (all micro-batches): the analytic
+  step cost of :mod:`aiop.predictor.latency` (device constants fitted on the
+  training labels, stored in the file) times ``exp(correction)``, the head
+  learning ``log(measured/analytic)`` (``stand``); without the analytic model
+  (``analytic=False``, AIO-P's setting) the head predicts it (``log``);
 * ``flops`` — forward FLOPs per sample (``log``); the CG's own count is exact
   and is what :meth:`Predictor.predict` reports, the head's value is kept as
   ``flops_predicted`` for comparison with AIO-P's setting;
@@ -39,8 +43,16 @@ from aiop.cg.pyg import FEATURE_VERSION, NUM_NODE_FEATURES
 from aiop.cg.vocab import OP_VOCAB
 from aiop.mconfig import MConfig
 from aiop.mconfig.config import VECTOR_NAMES
-from aiop.predictor.analytic import PlanCache, estimate_memory
+from aiop.predictor.analytic import PlanCache, estimate_memory, structural_key
 from aiop.predictor.features import ANALYTIC_NAMES, GraphFeaturizer, analytic_features
+from aiop.predictor.latency import (
+    HALF_PRECISIONS,
+    LatencyError,
+    LatencyModel,
+    fit_latency_constants,
+    latency_terms,
+    term_parts,
+)
 from aiop.predictor.model import GNNSpec, PerformanceGNN
 from aiop.predictor.normalize import Normalizer
 
@@ -122,10 +134,11 @@ def read_weights(path: Path, fmt: str) -> tuple[dict[str, str], dict[str, torch.
     return meta, state
 
 
-def _default_norm(target: str, tar_norm: str) -> str:
-    if target == "memory":
+def _default_norm(target: str, tar_norm: str, ratio: bool = True) -> str:
+    """``ratio``: the target is learned as a log-ratio to an analytic estimate."""
+    if target in ("memory", "latency") and ratio:
         return "stand"  # applied to the log-ratio
-    if target in ("latency", "flops"):
+    if target in ("memory", "latency", "flops"):
         return "log"
     return tar_norm
 
@@ -149,8 +162,13 @@ class Predictor:
         grad_clip: float = 5.0,
         seed: int = 0,
         progress: bool = True,
+        analytic: bool = True,
     ) -> None:
         self.spec = spec
+        # False: AIO-P's setting, the heads see no analytic estimate and predict the
+        # targets themselves (the ablation baseline)
+        self.analytic = analytic
+        self.latency_model: LatencyModel | None = None
         self.targets = list(targets)
         self.tar_norm = tar_norm
         self.epochs = epochs
@@ -168,38 +186,101 @@ class Predictor:
         self._plan_caches: OrderedDict[str, PlanCache] = OrderedDict()
 
     # -- targets -------------------------------------------------------------
-    def _raw_target(self, target: str, sample: Sample, analytic_peak: float) -> float | None:
+    def _ratio(self, target: str) -> bool:
+        """Whether ``target`` is learned as a log-ratio to its analytic estimate."""
+        if not self.analytic:
+            return False
+        return target == "memory" or (target == "latency" and self.latency_model is not None)
+
+    def _raw_target(self, target: str, sample: Sample, ref: dict[str, float]) -> float | None:
         value = sample.labels.get(target)
         if value is None or not math.isfinite(value):
             return None
-        if target == "memory":
-            return math.log(max(value, 1.0)) - math.log(max(analytic_peak, 1.0))
+        if self._ratio(target):
+            if value <= 0:
+                return None
+            return math.log(max(value, 1e-12)) - math.log(max(ref[target], 1e-12))
         return float(value)
+
+    def _analytic_latency(self, cache: PlanCache, configs: Sequence[MConfig]) -> np.ndarray:
+        """Analytic seconds per step of each config (zeros without a latency model)."""
+        if self.latency_model is None:
+            return np.zeros(len(configs))
+        theta = np.asarray(self.latency_model.constants, dtype=np.float64)
+        # seconds per sample, per micro-batch and per step of each (structure, precision,
+        # optimizer): a config only scales them by its batch size and accumulation steps
+        coef: dict[tuple, np.ndarray] = {}
+        rows = np.empty((len(configs), 3))
+        scale = np.empty((len(configs), 3))
+        for k, c in enumerate(configs):
+            key = (structural_key(c), c.prec in HALF_PRECISIONS, c.opt)
+            v = coef.get(key)
+            if v is None:
+                v = coef[key] = term_parts(cache.latency_plan(c), key[1], c.opt) @ theta
+            rows[k] = v
+            scale[k] = (c.batch_size, c.accum_steps, 1.0)
+        return np.einsum("ij,ij->i", rows, scale)
+
+    def fit_latency_model(self, samples: Sequence[Sample]) -> LatencyModel | None:
+        """Fit the analytic latency model's device constants on the samples' latency labels
+        (None, and no latency model, with fewer than 3)."""
+        terms, ys = [], []
+        for s in samples:
+            y = s.labels.get("latency")
+            if y is None or not math.isfinite(y) or y <= 0:
+                continue
+            cache = self._plan_cache(self._fp(s.cg), s.cg)
+            terms.append(latency_terms(cache.latency_plan(s.config), s.config))
+            ys.append(y)
+        if len(ys) < 3:
+            self.latency_model = None
+            return None
+        self.latency_model = fit_latency_constants(np.stack(terms), np.asarray(ys))
+        return self.latency_model
+
+    @staticmethod
+    def _fp(cg: ComputeGraph) -> str:
+        fp = cg.meta.get("fp") or cg.fingerprint
+        cg.meta["fp"] = fp
+        return str(fp)
 
     # -- featurisation ---------------------------------------------------------
     def _rows(
         self, samples: Sequence[Sample]
-    ) -> tuple[list[Any], np.ndarray, np.ndarray, list[float]]:
-        graphs, configs, analytic, peaks = [], [], [], []
+    ) -> tuple[list[Any], np.ndarray, np.ndarray, list[dict[str, float]]]:
+        """PyG graphs, config vectors, analytic features and, per sample, the analytic
+        estimates its ratio targets are taken against (``refs``)."""
+        graphs, configs, analytic, refs = [], [], [], []
         for s in samples:
-            graphs.append(self._featurizer.pyg(s.cg, s.config))
-            estimate, feats = self._featurizer.analytic(s.cg, s.config)
+            fp = self._fp(s.cg)
+            plans = self._plan_cache(fp, s.cg)
+            graphs.append(self._featurizer.pyg(s.cg, s.config, plans))
+            latency = float(self._analytic_latency(plans, [s.config])[0])
+            estimate, feats = self._featurizer.analytic(s.cg, s.config, plans, latency)
             configs.append(s.config.as_vector())
-            analytic.append(feats)
-            peaks.append(float(estimate.peak_memory_bytes))
-        return graphs, np.asarray(configs, np.float32), np.asarray(analytic, np.float32), peaks
+            analytic.append(feats if self.analytic else [])
+            refs.append({"memory": float(estimate.peak_memory_bytes), "latency": latency})
+        width = len(ANALYTIC_NAMES) if self.analytic else 0
+        return (
+            graphs,
+            np.asarray(configs, np.float32),
+            np.asarray(analytic, np.float32).reshape(len(samples), width),
+            refs,
+        )
 
-    def _target_matrix(self, samples: Sequence[Sample], peaks: Sequence[float]) -> np.ndarray:
+    def _target_matrix(
+        self, samples: Sequence[Sample], refs: Sequence[dict[str, float]]
+    ) -> np.ndarray:
         """``[samples, targets]`` normalised targets, NaN where a label is missing; fits the
         normaliser of any target that has none yet (on the labelled samples only)."""
         flops = np.asarray([s.cg.total_flops for s in samples], np.float64)
         y = np.full((len(samples), len(self.targets)), np.nan)
         for j, t in enumerate(self.targets):
-            raw = [self._raw_target(t, s, p) for s, p in zip(samples, peaks)]
+            raw = [self._raw_target(t, s, r) for s, r in zip(samples, refs)]
             have = np.asarray([v is not None for v in raw])
             values = np.asarray([v if v is not None else 1.0 for v in raw], np.float64)
             if t not in self.normalizers:
-                norm = Normalizer(_default_norm(t, self.tar_norm))
+                norm = Normalizer(_default_norm(t, self.tar_norm, self._ratio(t)))
                 if have.any():
                     norm.fit(values[have], flops[have])
                 self.normalizers[t] = norm
@@ -226,20 +307,26 @@ class Predictor:
             raise PredictorError("no samples to fit on")
         torch.manual_seed(self.seed)
         rng = random.Random(self.seed)
-        graphs, configs, analytic, peaks = self._rows(samples)
-        if not finetune or self.model is None:
+        fresh = not finetune or self.model is None
+        if fresh:
             targets = [t for t in self.targets if any(t in s.labels for s in samples)]
             if not targets:
                 raise PredictorError(f"no sample has any of the targets {self.targets}")
             self.targets = targets
+            self.latency_model = None
+            if self.analytic and "latency" in targets:
+                self.fit_latency_model(samples)
+        graphs, configs, analytic, refs = self._rows(samples)
+        if fresh:
             spec = self.spec or GNNSpec()
-            spec.targets = list(targets)
-            spec.config_dim, spec.analytic_dim = len(VECTOR_NAMES), len(ANALYTIC_NAMES)
+            spec.targets = list(self.targets)
+            spec.config_dim = len(VECTOR_NAMES)
+            spec.analytic_dim = len(ANALYTIC_NAMES) if self.analytic else 0
             self.spec = spec
             self.model = PerformanceGNN(spec)
             self.normalizers = {}
         assert self.model is not None
-        y_t = torch.tensor(self._target_matrix(samples, peaks), dtype=torch.float32)
+        y_t = torch.tensor(self._target_matrix(samples, refs), dtype=torch.float32)
         cfg_t, ana_t = torch.from_numpy(configs), torch.from_numpy(analytic)
         opt = torch.optim.Adam(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(self.epochs, 1))
@@ -340,28 +427,42 @@ class Predictor:
         fp = cg.meta.get("fp") or cg.fingerprint
         cg.meta["fp"] = fp
         cache = self._plan_cache(fp, cg)
-        estimates, analytic, vectors = [], [], []
         for c in configs:
             c.validate_for(cache.n_blocks, cg.name or "the graph")
+        latency_an = self._analytic_latency(cache, configs)
+        estimates, analytic, vectors = [], [], []
+        totals = (cache.total_params, cache.total_flops)
+        for c, lat in zip(configs, latency_an.tolist()):
             est = estimate_memory(cg, c, cache)
             estimates.append(est)
-            analytic.append(analytic_features(cg, c, est, (cache.total_params, cache.total_flops)))
+            if self.analytic:
+                analytic.append(analytic_features(cg, c, est, totals, lat))
             vectors.append(c.as_vector())
+        # one PyG graph per distinct node-flag pattern (structural keys that freeze or
+        # recompute the same nodes share it; encoding is row-independent, so this changes
+        # no bit of the embeddings)
         keys: dict[tuple, int] = {}
+        by_flags: dict[tuple, int] = {}
         groups: list[int] = []
         datas = []
         for c in configs:
-            key = (round(c.freeze, 6), c.ckpt, c.method)
-            if key not in keys:
-                keys[key] = len(datas)
-                datas.append(self._featurizer.pyg(cg, c))
-            groups.append(keys[key])
+            key = structural_key(c)
+            index = keys.get(key)
+            if index is None:
+                sig = cache.flags_signature(c)
+                index = by_flags.get(sig)
+                if index is None:
+                    index = by_flags[sig] = len(datas)
+                    datas.append(self._featurizer.pyg(cg, c, cache))
+                keys[key] = index
+            groups.append(index)
         embeddings = model.encode(Batch.from_data_list(datas))
         emb = embeddings[torch.tensor(groups)]
+        width = len(ANALYTIC_NAMES) if self.analytic else 0
         out = model.heads_forward(
             emb,
             torch.tensor(vectors, dtype=torch.float32),
-            torch.tensor(analytic, dtype=torch.float32),
+            torch.tensor(analytic, dtype=torch.float32).reshape(len(configs), width),
         )
         total_flops, total_params = int(cache.total_flops), int(cache.total_params)
         flops = np.full(len(configs), float(total_flops))
@@ -371,14 +472,19 @@ class Predictor:
         }
         for k, (c, est) in enumerate(zip(configs, estimates)):
             r: dict[str, Any] = {"config": c.format()}
-            if "memory" in decoded:
+            if "memory" in decoded and self._ratio("memory"):
                 peak = est.peak_memory_bytes * math.exp(float(decoded["memory"][k]))
+            elif "memory" in decoded:
+                peak = float(decoded["memory"][k])
             else:
                 peak = float(est.peak_memory_bytes)
             r["peak_memory_bytes"] = round(peak)
             r["peak_memory_bytes_analytic"] = int(est.peak_memory_bytes)
             r["breakdown"] = dict(est.breakdown)
-            if "latency" in decoded:
+            if "latency" in decoded and self._ratio("latency"):
+                r["latency_s"] = float(latency_an[k]) * math.exp(float(decoded["latency"][k]))
+                r["latency_s_analytic"] = float(latency_an[k])
+            elif "latency" in decoded:
                 r["latency_s"] = float(decoded["latency"][k])
             r["flops"] = total_flops
             r["params"] = total_params
@@ -402,6 +508,8 @@ class Predictor:
             "normalizers": {t: n.to_dict() for t, n in self.normalizers.items()},
             "error_quantiles": self.error_quantiles,
             "meta": self.meta,
+            "analytic": self.analytic,
+            "latency_model": self.latency_model.to_dict() if self.latency_model else None,
         }
 
     def _restore_state_json(self, config: dict[str, Any]) -> None:
@@ -412,6 +520,18 @@ class Predictor:
         self.normalizers = {t: Normalizer.from_dict(d) for t, d in config["normalizers"].items()}
         self.error_quantiles = config.get("error_quantiles", {})
         self.meta = config.get("meta", {})
+        self.analytic = bool(config.get("analytic", True))
+        latency = config.get("latency_model")
+        try:
+            self.latency_model = LatencyModel.from_dict(latency) if latency else None
+        except LatencyError as exc:
+            raise PredictorError(f"predictor file: {exc}") from None
+        width = len(ANALYTIC_NAMES) if self.analytic else 0
+        if self.spec.analytic_dim != width:
+            raise PredictorError(
+                f"the predictor reads {self.spec.analytic_dim} analytic features, this aiop "
+                f"computes {width} ({', '.join(ANALYTIC_NAMES)}): retrain it"
+            )
 
     def save(self, path: str | Path) -> Path:
         model = self._check_fitted()

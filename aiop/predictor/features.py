@@ -5,8 +5,8 @@
   batch-like fields share this part, so it is encoded once per *structural*
   key (:func:`structural_key`);
 * the configuration vector :meth:`MConfig.as_vector`;
-* the analytic features: the log of every term of the analytic memory model
-  and of the step's FLOPs (:data:`ANALYTIC_NAMES`).
+* the analytic features: the log of every term of the analytic memory model,
+  of the step's FLOPs and of the analytic step latency (:data:`ANALYTIC_NAMES`).
 
 Memory is learned as a correction of the analytic estimate: the memory head
 predicts ``log(measured / analytic)``.
@@ -24,7 +24,7 @@ from aiop.cg.graph import ComputeGraph
 from aiop.cg.pyg import FLAG_FEATURES, NUM_NODE_FEATURES, to_pyg
 from aiop.mconfig import MConfig
 from aiop.mconfig.config import node_blocks
-from aiop.predictor.analytic import MemoryEstimate, estimate_memory, structural_key
+from aiop.predictor.analytic import MemoryEstimate, PlanCache, estimate_memory, structural_key
 
 ANALYTIC_NAMES: tuple[str, ...] = (
     "log_peak",
@@ -36,6 +36,7 @@ ANALYTIC_NAMES: tuple[str, ...] = (
     "log_inputs",
     "log_step_flops",
     "trainable_fraction",
+    "log_latency_analytic",
 )
 
 
@@ -56,8 +57,10 @@ def analytic_features(
     config: MConfig,
     estimate: MemoryEstimate,
     totals: tuple[int, int] | None = None,
+    latency_s: float = 0.0,
 ) -> list[float]:
-    """The :data:`ANALYTIC_NAMES` features; ``totals`` = (params, FLOPs) of ``cg`` if known."""
+    """The :data:`ANALYTIC_NAMES` features; ``totals`` = (params, FLOPs) of ``cg`` if known,
+    ``latency_s`` the analytic step latency (0 when the predictor has no latency model)."""
     params, flops = totals if totals is not None else (cg.total_params, cg.total_flops)
     frac = estimate.trainable_params / max(params, 1)
     return [
@@ -70,6 +73,7 @@ def analytic_features(
         _log(estimate.inputs),
         _log(step_flops(flops, config, frac)),
         frac,
+        math.log(latency_s) if latency_s > 0 else 0.0,
     ]
 
 
@@ -88,18 +92,21 @@ class GraphFeaturizer:
         self._blocks: dict[str, list[int | None]] = {}  # node_blocks per fingerprint
         self._variants: OrderedDict[tuple[str, tuple], Any] = OrderedDict()
 
-    def _variant(self, fingerprint: str, key: tuple) -> Any:
+    def _variant(
+        self, fingerprint: str, key: tuple, flags: dict[str, list[bool]] | None = None
+    ) -> Any:
         cg = self._graphs[fingerprint]
         base = self._base.get(fingerprint)
         if base is None:
             base = self._base[fingerprint] = to_pyg(cg)
             del base.config  # the batch of configs is fed to the heads separately
-        freeze, ckpt, method = key
-        blocks = self._blocks.get(fingerprint)
-        if blocks is None:
-            blocks = self._blocks[fingerprint] = node_blocks(cg)
-        config = MConfig(batch_size=1, freeze=freeze, ckpt=ckpt, method=method)
-        flags = config.node_flags(cg, blocks=blocks)
+        if flags is None:
+            freeze, ckpt, method = key
+            blocks = self._blocks.get(fingerprint)
+            if blocks is None:
+                blocks = self._blocks[fingerprint] = node_blocks(cg)
+            config = MConfig(batch_size=1, freeze=freeze, ckpt=ckpt, method=method)
+            flags = config.node_flags(cg, blocks=blocks)
         data = base.clone()
         start = NUM_NODE_FEATURES - len(FLAG_FEATURES)
         for k, name in enumerate(FLAG_FEATURES):
@@ -118,20 +125,30 @@ class GraphFeaturizer:
             for k in [k for k in self._variants if k[0] == old]:
                 del self._variants[k]
 
-    def pyg(self, cg: ComputeGraph, config: MConfig) -> Any:
-        """The PyG graph of ``cg`` with ``config``'s node flags (cached)."""
+    def pyg(self, cg: ComputeGraph, config: MConfig, plans: PlanCache | None = None) -> Any:
+        """The PyG graph of ``cg`` with ``config``'s node flags (cached); ``plans``, the
+        analytic model's :class:`PlanCache` of ``cg``, shares its node plan (computed once
+        per structural key for both)."""
         fp = cg.meta.get("fp") or cg.fingerprint
         self._remember(fp, cg)
         key = (fp, structural_key(config))
         data = self._variants.get(key)
         if data is None:
-            data = self._variants[key] = self._variant(*key)
+            flags = plans.node_flags(config) if plans is not None else None
+            data = self._variants[key] = self._variant(*key, flags)
             while len(self._variants) > self.maxsize:
                 self._variants.popitem(last=False)
         else:
             self._variants.move_to_end(key)
         return data
 
-    def analytic(self, cg: ComputeGraph, config: MConfig) -> tuple[MemoryEstimate, list[float]]:
-        estimate = estimate_memory(cg, config)
-        return estimate, analytic_features(cg, config, estimate)
+    def analytic(
+        self,
+        cg: ComputeGraph,
+        config: MConfig,
+        plans: PlanCache | None = None,
+        latency_s: float = 0.0,
+    ) -> tuple[MemoryEstimate, list[float]]:
+        estimate = estimate_memory(cg, config, plans)
+        totals = (plans.total_params, plans.total_flops) if plans is not None else None
+        return estimate, analytic_features(cg, config, estimate, totals, latency_s)

@@ -28,6 +28,7 @@ from aiop.cg.graph import ComputeGraph
 from aiop.mconfig import MConfig
 from aiop.predictor.analytic import PlanCache, estimate_memory
 from aiop.predictor.api import Predictor, Sample
+from aiop.predictor.latency import LatencyModel, fit_latency_constants, latency_terms
 from aiop.predictor.metrics import regression_metrics
 from aiop.predictor.model import GNNSpec
 
@@ -335,22 +336,53 @@ class _PredictsLike(Protocol):
 
 
 class AnalyticPredictor:
-    """The analytic memory model alone, with ``Predictor.predict``'s result keys (ablation)."""
+    """The analytic models alone, with ``Predictor.predict``'s result keys (the ablation):
+    memory always, latency once :meth:`fit_latency` calibrated the device constants."""
 
     targets: tuple[str, ...] = ("memory",)
 
+    def __init__(self) -> None:
+        self.latency_model: LatencyModel | None = None
+        self._caches: dict[str, PlanCache] = {}
+
+    def _cache(self, cg: ComputeGraph) -> PlanCache:
+        fp = _fp(cg)
+        if fp not in self._caches:
+            if len(self._caches) > 256:  # bounded: a benchmark walks many graphs
+                self._caches.clear()
+            self._caches[fp] = PlanCache(cg)
+        return self._caches[fp]
+
+    def fit_latency(self, samples: Sequence[Sample]) -> LatencyModel:
+        """Fit the latency model's device constants on the samples' latency labels."""
+        rows = [
+            (latency_terms(self._cache(s.cg).latency_plan(s.config), s.config), s.labels["latency"])
+            for s in samples
+            if "latency" in s.labels
+        ]
+        if not rows:
+            raise ValueError("no latency labels to calibrate the analytic latency model on")
+        self.latency_model = fit_latency_constants(
+            np.stack([t for t, _ in rows]), np.asarray([y for _, y in rows])
+        )
+        self.targets = ("memory", "latency")
+        return self.latency_model
+
     def predict(self, cg: ComputeGraph, configs: Sequence[MConfig | str]) -> list[dict[str, Any]]:
         out = []
-        cache = PlanCache(cg)  # per-graph work shared by all configurations
+        cache = self._cache(cg)  # per-graph work shared by all configurations
         for c in configs:
-            est = estimate_memory(cg, MConfig.parse(c), cache)
-            out.append(
-                {
-                    "peak_memory_bytes": int(est.peak_memory_bytes),
-                    "breakdown": dict(est.breakdown),
-                    "flops": int(cg.total_flops),
-                }
-            )
+            c = MConfig.parse(c)
+            est = estimate_memory(cg, c, cache)
+            r: dict[str, Any] = {
+                "peak_memory_bytes": int(est.peak_memory_bytes),
+                "breakdown": dict(est.breakdown),
+                "flops": int(cg.total_flops),
+            }
+            if self.latency_model is not None:
+                terms = latency_terms(cache.latency_plan(c), c)
+                r["latency_s"] = float(self.latency_model.predict(terms)[0])
+            out.append(r)
         return out
 
 
