@@ -5,13 +5,15 @@
         --tasks classification semantic --num_archs 10
 
 For each family and task: label ``num_archs`` architectures individually
-(trained from scratch, the ground truth), train AIO-P's shared head over a pool
-of other architectures of the family, give each architecture a short
-fine-tune from it (the pseudo-label), and compare the two rankings with
-Spearman's ρ and Kendall's τ (scipy.stats). Labels go into the store
-(``data/task_labels.db`` by default, tags ``individual`` and ``shared``) and
-checkpoints under ``data/shared_heads/``, so a re-run reuses everything already
-done and an interrupted run resumes. Results: ``benchmarks/results/pseudo_labels.{json,md}``.
+(trained from scratch with the label recipe, the ground truth), train AIO-P's
+shared head over a pool of other architectures of the family, give each
+architecture a short fine-tune from it (the pseudo-label), and compare the two
+rankings with Spearman's ρ and Kendall's τ (scipy.stats). The baseline the
+shared head must beat is the same short budget from scratch (``scratch`` tag;
+``--no_scratch`` skips it). Labels go into the store (``data/task_labels.db``
+by default, tags named by :func:`tags`, one recipe each) and checkpoints under
+``data/shared_heads/``, so a re-run reuses everything already done and an
+interrupted run resumes. Results: ``benchmarks/results/pseudo_labels.{json,md}``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import logging
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +49,35 @@ def _mean(d: dict[str, dict[str, Any]], specs: list[str], key: str) -> float:
     return sum(vals) / len(vals) if vals else float("nan")
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def tags(args: argparse.Namespace, family: str, task: str) -> dict[str, str]:
+    """The store tags of the three label sets compared (each bound to one recipe)."""
+    head = f"p{args.pool}s{args.head_steps}{args.mode}"
+    return {
+        "individual": f"individual-{args.recipe}",
+        "shared": f"shared-{args.recipe}-ft{args.ft_epochs}-s{args.seed}-{head}",
+        "scratch": f"scratch-{args.recipe}-ft{args.ft_epochs}-s{args.seed}",
+    }
+
+
+def _srcc(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]], specs: list[str]):
     from scipy import stats
 
+    common = [s for s in specs if s in a and s in b]
+    if len(common) < 3:
+        return common, float("nan"), float("nan")
+    x = [a[s]["value"] for s in common]
+    y = [b[s]["value"] for s in common]
+    return (
+        common,
+        float(stats.spearmanr(x, y).statistic),
+        float(stats.kendalltau(x, y).statistic),
+    )
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     from aiop.tasks.labels import arch_specs, label_archs
+    from aiop.tasks.recipes import recipe_config
     from aiop.tasks.shared_head import SharedHeadConfig, load_head, save_head, train_shared_head
-    from aiop.tasks.train import TrainConfig
 
     store = Path(args.store)
     rows = []
@@ -59,71 +85,74 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         specs = arch_specs(family, args.start_idx, args.num_archs)
         for task in args.tasks:
             t0 = time.perf_counter()
-            chkpt = Path(args.chkpt_dir) / f"{family}_{task}_bench.safetensors"
-            head_cpu = None
-            if args.report_only:  # what the store holds now (e.g. after an interrupted run)
-                meta = load_head(chkpt)[1] if chkpt.exists() else {}
-                head_cpu = meta.get("cpu_seconds")
-            else:
-                label_archs(
-                    store, specs, [task], TrainConfig(), tag="individual", progress=args.progress
-                )
-            if not chkpt.exists() and not args.report_only:
-                c0 = time.process_time()
-                cfg = SharedHeadConfig(
-                    family=family, task=task, pool_size=args.pool, steps=args.head_steps,
-                    mode=args.mode,
-                )  # fmt: skip
-                head, meta = train_shared_head(cfg, progress=args.progress)
-                head_cpu = time.process_time() - c0
-                meta["cpu_seconds"] = round(head_cpu, 2)
-                save_head(head, meta, chkpt)
+            tg = tags(args, family, task)
+            full = recipe_config(args.recipe, task)
+            # one short training under a seed the ground truth does not use (it averages seeds
+            # 0..repeats-1): sharing a seed would share its noise and flatter the comparison
+            short = replace(full, epochs=args.ft_epochs, repeats=1, seed=args.seed)
+            head_tag = tg["shared"].rsplit("-", 1)[-1]
+            chkpt = Path(args.chkpt_dir) / f"{family}_{task}_{args.recipe}_{head_tag}.safetensors"
             if not args.report_only:
+                if not chkpt.exists():
+                    c0 = time.process_time()
+                    cfg = SharedHeadConfig(
+                        family=family, task=task, pool_size=args.pool, steps=args.head_steps,
+                        mode=args.mode, resolution=full.resolution, n_train=full.n_train,
+                    )  # fmt: skip
+                    head, meta = train_shared_head(cfg, progress=args.progress)
+                    meta["cpu_seconds"] = round(time.process_time() - c0, 2)
+                    save_head(head, meta, chkpt)
                 state, meta = load_head(chkpt)
-                head_cpu = meta.get("cpu_seconds", head_cpu)
                 label_archs(
-                    store, specs, [task], TrainConfig(epochs=args.ft_epochs), tag="shared",
+                    store, specs, [task], short, tag=tg["shared"],
                     chkpts={task: (state, meta)}, progress=args.progress,
                 )  # fmt: skip
-            ind, sh = _extras(store, task, "individual"), _extras(store, task, "shared")
-            base = _extras(store, task, args.baseline_tag) if args.baseline_tag else {}
-            common = [s for s in specs if s in ind and s in sh]
+                if args.scratch:
+                    label_archs(
+                        store, specs, [task], short, tag=tg["scratch"], progress=args.progress
+                    )
+                # the ground truth last: the store command may be labelling the same
+                # architectures with the same recipe meanwhile, and those are then reused
+                if args.individual:
+                    label_archs(
+                        store, specs, [task], full, tag=tg["individual"], progress=args.progress
+                    )
+            head_cpu = load_head(chkpt)[1].get("cpu_seconds") if chkpt.exists() else None
+            ind = _extras(store, task, tg["individual"])
+            sh = _extras(store, task, tg["shared"])
+            sc = _extras(store, task, tg["scratch"])
+            common, rho, tau = _srcc(ind, sh, specs)
+            bcommon, base_rho, _ = _srcc(ind, sc, specs)
             x = [ind[s]["value"] for s in common]
             y = [sh[s]["value"] for s in common]
-            rho = stats.spearmanr(x, y).statistic if len(common) > 2 else float("nan")
-            tau = stats.kendalltau(x, y).statistic if len(common) > 2 else float("nan")
-            # the same short budget without the shared head: does the head earn its keep?
-            bcommon = [s for s in common if s in base]
-            base_rho = (
-                float(stats.spearmanr([ind[s]["value"] for s in bcommon],
-                                      [base[s]["value"] for s in bcommon]).statistic)
-                if len(bcommon) > 2 else None
-            )  # fmt: skip
-
+            n_sh = len(common)
             rows.append(
                 {
                     "family": family,
                     "task": task,
-                    "n_archs": len(common),
-                    "srcc": round(float(rho), 3),
-                    "kendall_tau": round(float(tau), 3),
-                    "individual_mean": round(sum(x) / len(x), 4) if x else None,
-                    "shared_mean": round(sum(y) / len(y), 4) if y else None,
+                    "tags": tg,
+                    "n_archs": n_sh,
+                    "srcc": round(rho, 3),
+                    "kendall_tau": round(tau, 3),
+                    "individual_mean": round(sum(x) / n_sh, 4) if x else None,
+                    "shared_mean": round(sum(y) / n_sh, 4) if y else None,
                     "individual_cpu_s": round(_mean(ind, common, "cpu_seconds"), 1),
                     "shared_cpu_s": round(_mean(sh, common, "cpu_seconds"), 1),
                     "head_cpu_s": None if head_cpu is None else round(float(head_cpu), 1),
                     "wall_s": round(time.perf_counter() - t0, 1),
                     "baseline": None
-                    if base_rho is None
-                    else {"tag": args.baseline_tag, "n_archs": len(bcommon),
+                    if not bcommon
+                    else {"tag": tg["scratch"], "n_archs": len(bcommon),
                           "srcc": round(base_rho, 3),
-                          "cpu_s": round(_mean(base, bcommon, "cpu_seconds"), 1)},
-                    "labels": {s: {"individual": ind[s]["value"], "shared": sh[s]["value"]}
+                          "cpu_s": round(_mean(sc, bcommon, "cpu_seconds"), 1)},
+                    "labels": {s: {"individual": ind[s]["value"], "shared": sh[s]["value"],
+                                   "scratch": sc.get(s, {}).get("value")}
                                for s in common},
                 }
             )  # fmt: skip
             print(
-                f"{family} {task}: n={len(common)} SRCC {rho:.3f} Kendall {tau:.3f}",
+                f"{family} {task}: n={n_sh} SRCC {rho:.3f} Kendall {tau:.3f}; "
+                f"scratch n={len(bcommon)} SRCC {base_rho:.3f}",
                 file=sys.stderr,
             )
             write(_result(args, rows), args.out)  # after each task: a partial run still reports
@@ -135,8 +164,9 @@ def _result(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, A
         "command": "python benchmarks/pseudo_labels.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, shared 2-core host",
         "settings": {
-            "individual": "TrainConfig() (2 epochs of 1,000 samples, batch 16, Adam 3e-3 cosine)",
-            "shared": f"{args.ft_epochs} epoch(s) fine-tune from the shared head",
+            "individual": f"label recipe {args.recipe} (aiop.tasks.recipes), from scratch",
+            "shared": f"{args.ft_epochs} epoch(s) of recipe {args.recipe} from the shared head",
+            "scratch": f"{args.ft_epochs} epoch(s) of recipe {args.recipe} from scratch",
             "head": f"pool {args.pool}, {args.head_steps} steps, mode {args.mode}",
             "target": "SRCC >= 0.7 on >= 30 architectures per task",
         },
@@ -166,9 +196,9 @@ def write(result: dict[str, Any], stem: str) -> None:
         if r.get("baseline"):
             b = r["baseline"]
             lines.append(
-                f"\nBaseline {r['family']} {r['task']}: labels tagged `{b['tag']}` (same short "
-                f"budget, no shared head) vs individual: SRCC {b['srcc']} on {b['n_archs']} "
-                f"architectures, {b['cpu_s']} CPU s/label."
+                f"\nBaseline {r['family']} {r['task']}: labels tagged `{b['tag']}` (the same "
+                f"short budget from scratch, no shared head) vs individual: SRCC {b['srcc']} "
+                f"on {b['n_archs']} architectures, {b['cpu_s']} CPU s/label."
             )
     lines += ["", "Settings: " + "; ".join(f"{k}: {v}" for k, v in result["settings"].items())]
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
@@ -177,6 +207,7 @@ def write(result: dict[str, Any], stem: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--families", nargs="+", default=["ofa_mbv3"])
+    p.add_argument("--recipe", default=None, help="label recipe (default: the project's)")
     p.add_argument("--tasks", nargs="+", default=["classification", "semantic"])
     p.add_argument("--num_archs", type=int, default=10)
     p.add_argument("--start_idx", type=int, default=0)
@@ -185,19 +216,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pool", type=int, default=4)
     p.add_argument("--head_steps", type=int, default=200)
     p.add_argument("--ft_epochs", type=int, default=1)
+    p.add_argument(
+        "--seed", type=int, default=7, help="seed of the short trainings (not one of the truth's)"
+    )
     p.add_argument("--mode", default="swap", choices=["swap", "latent"])
     p.add_argument("--out", default="pseudo_labels", help="result file stem")
     p.add_argument("--progress", action="store_true")
     p.add_argument(
-        "--baseline_tag",
-        default=None,
-        help="also rank labels of this tag (e.g. a short run from scratch) against individual",
+        "--no_individual",
+        dest="individual",
+        action="store_false",
+        help="train no ground truth: compare with the individual labels the store holds",
+    )
+    p.add_argument(
+        "--no_scratch",
+        dest="scratch",
+        action="store_false",
+        help="skip the baseline: the same short budget from scratch, without the shared head",
     )
     p.add_argument(
         "--report_only", action="store_true", help="no training: report the stored labels"
     )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.recipe is None:
+        from aiop.tasks.recipes import DEFAULT_RECIPE
+
+        args.recipe = DEFAULT_RECIPE
     run(args)
     return 0
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Train architectures on tasks and store their task CGs and accuracy labels (AIO-P's script).
 
-    # ground truth: architectures trained individually, from scratch
-    python scripts/run_train_cgs_on_task.py -family ofa_mbv3 -task detection -tag individual \
+    # ground truth: architectures trained individually, from scratch, with the default
+    # label recipe (aiop.tasks.recipes); labels go to the tag individual-<recipe>
+    python scripts/run_train_cgs_on_task.py -family ofa_mbv3 -task detection \
         -start_idx 0 -num_archs 10 -cache_file data/task_labels.db
 
     # pseudo-labels: a short fine-tune from a shared head (run_train_head_on_task.py)
@@ -12,36 +13,71 @@
 
 Several families and tasks may be given; architectures are the outer loop. A
 re-run skips (architecture, task) pairs already labelled under the tag, so a
-killed run resumes where it stopped.
+killed run resumes where it stopped. ``-recipe`` picks a named label recipe
+(``v1``, ``v2``; default :data:`aiop.tasks.recipes.DEFAULT_RECIPE`); the training
+flags override single settings of it. The default tag is ``individual-<recipe>``
+(``shared-<recipe>`` with ``-chkpt``), plus a hash of the overrides when there
+are any, so labels of different recipes never share a tag; an explicit ``-tag``
+whose labels were made with another recipe is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from aiop.tasks.heads import DEFAULT_WIDTH, TASKS, HeadError
 from aiop.tasks.labels import DEFAULT_STORE, OneLineParser, arch_specs, label_archs
-from aiop.tasks.train import TrainConfig
+from aiop.tasks.recipes import DEFAULT_RECIPE, LABEL_RECIPES, recipe_config
+
+# flag -> TrainConfig field: each overrides one setting of the recipe when given
+OVERRIDES = {
+    "num_epochs": "epochs",
+    "batch_size": "batch_size",
+    "lr": "lr",
+    "resolution": "resolution",
+    "n_train": "n_train",
+    "n_val": "n_val",
+    "repeats": "repeats",
+}
 
 
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog="run_train_cgs_on_task", description=__doc__.splitlines()[0])
-    p.add_argument("-family", nargs="+", required=True, help="ofa_mbv3, ofa_pn, ofa_resnet")
-    p.add_argument("-task", nargs="+", required=True, help=f"one or more of {', '.join(TASKS)}")
-    p.add_argument("-tag", default=None, help="label set name (default individual / shared)")
+    p.add_argument("-family", nargs="+", help="ofa_mbv3, ofa_pn, ofa_resnet (required)")
+    p.add_argument("-task", nargs="+", help=f"one or more of {', '.join(TASKS)} (required)")
+    p.add_argument(
+        "-list", action="store_true", help="print the store's label sets (tag, task, family, count)"
+    )
+    p.add_argument(
+        "-tag", default=None, help="label set name (default individual-<recipe> / shared-<recipe>)"
+    )
+    p.add_argument(
+        "-recipe",
+        default=DEFAULT_RECIPE,
+        choices=list(LABEL_RECIPES),
+        help=f"label recipe (default {DEFAULT_RECIPE})",
+    )
     p.add_argument("-start_idx", type=int, default=0, help="first architecture number")
     p.add_argument("-num_archs", type=int, default=10, help="architectures per family")
     p.add_argument("-chkpt", default=None, help="shared-head checkpoint to fine-tune from")
     p.add_argument("-cache_file", default=str(DEFAULT_STORE), help="SQLite store")
-    p.add_argument("--num_epochs", type=int, default=None, help="default 2, or 1 with -chkpt")
-    p.add_argument("--batch_size", type=int, default=TrainConfig.batch_size)
-    p.add_argument("--lr", type=float, default=TrainConfig.lr)
-    p.add_argument("-resolution", type=int, default=None, help="default: the task's own")
-    p.add_argument("-n_train", type=int, default=TrainConfig.n_train)
-    p.add_argument("-n_val", type=int, default=TrainConfig.n_val)
+    p.add_argument(
+        "--num_epochs", type=int, default=None, help="default: the recipe's, 1 with -chkpt"
+    )
+    p.add_argument("--batch_size", type=int, default=None, help="default: the recipe's")
+    p.add_argument("--lr", type=float, default=None, help="default: the recipe's")
+    p.add_argument("-resolution", type=int, default=None, help="default: the recipe's for the task")
+    p.add_argument("-n_train", type=int, default=None, help="default: the recipe's")
+    p.add_argument("-n_val", type=int, default=None, help="default: the recipe's")
+    p.add_argument(
+        "-repeats", type=int, default=None, help="seeds averaged per label (default: the recipe's)"
+    )
     p.add_argument("-seed", type=int, default=0, help="weight-initialisation and shuffle seed")
     p.add_argument("-width", type=int, default=DEFAULT_WIDTH, help="head width")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -49,9 +85,44 @@ def build_parser() -> OneLineParser:
     return p
 
 
+def default_tag(recipe: str, overrides: dict[str, object], *, shared: bool) -> str:
+    """``individual-<recipe>`` / ``shared-<recipe>``, plus a hash of any overridden settings."""
+    tag = f"{'shared' if shared else 'individual'}-{recipe}"
+    if overrides:
+        blob = json.dumps(overrides, sort_keys=True)
+        tag += "-" + hashlib.sha256(blob.encode()).hexdigest()[:6]
+    return tag
+
+
+def list_labels(args: Any) -> int:
+    """``-list``: the store's label sets, a line each (or JSON)."""
+    from aiop.tasks.labels import inventory
+
+    if not Path(args.cache_file).is_file():
+        print(f"run_train_cgs_on_task: error: no store at {args.cache_file}", file=sys.stderr)
+        return 2
+    sets = inventory(args.cache_file)
+    if args.json:
+        print(json.dumps([s.to_dict() for s in sets]))
+        return 0
+    print(f"{'tag':40s} {'task':15s} {'family':11s} {'count':>5s}  recipe    mean (min-max)")
+    for s in sets:
+        print(
+            f"{s.tag:40s} {s.task:15s} {s.family:11s} {s.count:5d}  {','.join(s.recipes):8s}  "
+            f"{s.mean:.3f} ({s.min:.3f}-{s.max:.3f})"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    if args.list:
+        return list_labels(args)
+    for flag in ("family", "task"):
+        if not getattr(args, flag):
+            parser.error(f"the following arguments are required: -{flag}")
     try:
         from aiop.tasks.heads import check_task
 
@@ -76,33 +147,27 @@ def main(argv: list[str] | None = None) -> int:
             chkpts[tasks[0]] = (state, meta)
             if args.resolution is None:  # fine-tune at the resolution the head was trained at
                 args.resolution = meta.get("config", {}).get("resolution")
-        epochs = args.num_epochs if args.num_epochs is not None else (1 if args.chkpt else 2)
-        for name, value in (
-            ("--num_epochs", epochs),
-            ("--batch_size", args.batch_size),
-            ("-resolution", 1 if args.resolution is None else args.resolution),
-            ("-n_train", args.n_train),
-            ("-n_val", args.n_val),
-        ):
-            if value < 1:
-                raise HeadError(f"{name} must be >= 1, got {value}")
+        if args.chkpt and args.num_epochs is None:  # a pseudo-label is a short fine-tune
+            args.num_epochs = 1
+        given = {a: getattr(args, a) for a in OVERRIDES if getattr(args, a) is not None}
+        for flag, value in given.items():
+            if (value <= 0) if flag == "lr" else (value < 1):
+                dash = "--" if flag in ("num_epochs", "batch_size", "lr") else "-"
+                raise HeadError(
+                    f"{dash}{flag} must be {'> 0' if flag == 'lr' else '>= 1'}, got {value}"
+                )
+        overrides = {OVERRIDES[a]: v for a, v in given.items()}
         if not Path(args.cache_file).parent.is_dir():
             raise HeadError(f"-cache_file: directory {Path(args.cache_file).parent} does not exist")
-        cfg = TrainConfig(
-            epochs=epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            resolution=args.resolution,
-            n_train=args.n_train,
-            n_val=args.n_val,
-            seed=args.seed,
-        )
-        tag = args.tag or ("shared" if args.chkpt else "individual")
+        cfgs = {
+            t: replace(recipe_config(args.recipe, t), seed=args.seed, **overrides) for t in tasks
+        }
+        tag = args.tag or default_tag(args.recipe, overrides, shared=bool(args.chkpt))
         report = label_archs(
             args.cache_file,
             specs,
             tasks,
-            cfg,
+            cfgs,
             tag=tag,
             chkpts=chkpts,
             width=args.width,
@@ -118,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report.to_dict()))
     else:
         print(
-            f"labelled {len(report.labelled)}, skipped {len(report.skipped)} (already labelled), "
-            f"failed {len(report.failed)}"
+            f"tag {tag}: labelled {len(report.labelled)}, skipped {len(report.skipped)} "
+            f"(already labelled), failed {len(report.failed)}"
         )
         for spec, task, acc, sec in report.labelled:
             print(f"  {spec:24s} {task:15s} acc {acc:.4f}  {sec:.1f} s")

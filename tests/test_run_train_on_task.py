@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from aiop.cache import Store
+from aiop.tasks.recipes import DEFAULT_RECIPE
 
 ROOT = Path(__file__).resolve().parents[1]
 CGS = ROOT / "scripts" / "run_train_cgs_on_task.py"
@@ -41,9 +42,14 @@ def _script(path: Path):
 
 
 def _acc(store: Path, tag: str) -> dict[str, float]:
+    """Labels of ``tag`` or of any tag it prefixes (the default tags name the recipe)."""
     with Store(store, readonly=True) as s:
         models = {i.fingerprint: i.meta["model"] for i in s.graphs()}
-        return {models[r.graph]: r.value for r in s.labels(kind="acc", mode=tag)}
+        return {
+            models[r.graph]: r.value
+            for r in s.labels(kind="acc")
+            if r.mode == tag or r.mode.startswith(f"{tag}-")
+        }
 
 
 def test_labels_then_resume_skips_finished(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -51,7 +57,11 @@ def test_labels_then_resume_skips_finished(tmp_path: Path, capsys: pytest.Captur
     db = tmp_path / "t.db"
     base = ["-family", "ofa_mbv3", "-task", "semantic", "-cache_file", str(db), "-q", *TINY]
     assert cgs.main([*base, "-num_archs", "1", "--num_epochs", "1"]) == 0
-    assert "labelled 1, skipped 0" in capsys.readouterr().out
+    # the default tag names the recipe and hashes the overridden settings
+    overrides = {"resolution": 32, "n_train": 32, "n_val": 16, "batch_size": 16, "epochs": 1}
+    tag = cgs.default_tag(DEFAULT_RECIPE, overrides, shared=False)
+    assert tag.startswith(f"individual-{DEFAULT_RECIPE}-")
+    assert f"tag {tag}: labelled 1, skipped 0" in capsys.readouterr().out
     one = _acc(db, "individual")
     assert list(one) == ["family:ofa_mbv3:0"] and 0.0 <= one["family:ofa_mbv3:0"] <= 1.0
     assert cgs.main([*base, "-num_archs", "2", "--num_epochs", "1", "--json"]) == 0

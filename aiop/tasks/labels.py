@@ -13,8 +13,14 @@ validation split and stores, in one transaction, the graph and its labels:
   ``mode`` = the tag (``individual`` / ``shared`` by default);
 * kind ``acc`` = the task's headline metric (top-1, bbox AP, segm AP, mIoU,
   PQ, PCK@0.2 — fractions in [0, 1]), plus one kind per metric (``bbox_AP50``,
-  ``SQ`` …); ``extra`` keeps the training recipe, the seconds it took and the
+  ``SQ`` …); ``extra`` keeps the training recipe (its settings and its id,
+  :func:`aiop.tasks.recipes.recipe_id`), the seconds it took and the
   architecture.
+
+One tag, one recipe: labels made with different settings measure different
+things, so a run whose recipe differs from the labels a tag already holds for
+the task is refused (:class:`RecipeMismatch`) instead of mixing or overwriting
+them; the scripts' default tag names the recipe (``individual-v2``).
 
 Resumable: an architecture whose ``acc`` label exists for (task, tag) is
 skipped, so a killed run loses at most the architecture in training.
@@ -26,13 +32,19 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from aiop.tasks.heads import DEFAULT_WIDTH, HeadError, check_task, load_head_state
-from aiop.tasks.train import PRIMARY_METRIC, TrainConfig, build_task_model, train_task_model
+from aiop.tasks.train import (
+    PRIMARY_METRIC,
+    TrainConfig,
+    TrainResult,
+    build_task_model,
+    train_task_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +58,10 @@ TASK_DESCRIPTIONS = {
     "panoptic": "panoptic segmentation of multi-digit MNIST scenes, PQ (detector + semantic)",
     "pose": "14 LSP keypoints of synthetic articulated figures, PCK@0.2 (torso)",
 }
+
+
+class RecipeMismatch(HeadError):
+    """A label set (task, tag) already holds labels made with another recipe."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -100,11 +116,58 @@ def task_graph(model: Any, name: str) -> Any:
         return from_torch(model, (1, *model.input_size), name=name)
 
 
+def task_config(cfg: TrainConfig | Mapping[str, TrainConfig], task: str) -> TrainConfig:
+    """The training config of ``task`` (resolution filled in) from one config or a per-task map."""
+    if isinstance(cfg, TrainConfig):
+        return cfg.for_task(task)
+    if task not in cfg:
+        raise HeadError(f"no training config for task {task!r}")
+    return cfg[task].for_task(task)
+
+
+def label_recipe_id(extra: dict[str, Any], task: str) -> str | None:
+    """The recipe id of a stored ``acc`` label (recorded, or recomputed from its settings for
+    labels written before ids were recorded); None when neither is there."""
+    from aiop.tasks.recipes import recipe_id
+
+    if extra.get("recipe"):
+        return str(extra["recipe"])
+    train = extra.get("train")
+    if not isinstance(train, dict):
+        return None
+    return recipe_id(train, task, int(extra.get("head_width", DEFAULT_WIDTH)), _shared_key(extra))
+
+
+def _shared_key(extra: dict[str, Any]) -> dict[str, Any] | None:
+    """What identifies the shared head a pseudo-label started from (None: from scratch)."""
+    meta = extra.get("shared_head")
+    if not meta:
+        return None
+    # how the head was trained, not for which family: one tag may hold several families'
+    # pseudo-labels, each from its own family's head trained the same way
+    config = {k: v for k, v in (meta.get("config") or {}).items() if k != "family"}
+    return {"config": config}
+
+
+def check_recipe(store: Any, task: str, tag: str, rid: str) -> None:
+    """Raise :class:`RecipeMismatch` if (task, tag) holds ``acc`` labels of another recipe."""
+    for rec in store.labels(kind=ACC_KIND, task=task, mode=tag):
+        old = label_recipe_id(rec.extra, task)
+        if old is not None and old != rid:
+            train = rec.extra.get("train", {})
+            raise RecipeMismatch(
+                f"label set {tag!r} of task {task} holds labels of recipe {old} "
+                f"({train.get('epochs')} epochs x {train.get('n_train')} samples, "
+                f"val {train.get('n_val')}, {train.get('resolution')} px); this run's recipe is "
+                f"{rid}: give it another -tag"
+            )
+
+
 def label_archs(
     cache_file: str | Path,
     specs: Sequence[str],
     tasks: Sequence[str],
-    cfg: TrainConfig,
+    cfg: TrainConfig | Mapping[str, TrainConfig],
     *,
     tag: str = "individual",
     chkpts: dict[str, tuple[dict[str, Any], dict[str, Any]]] | None = None,
@@ -114,7 +177,9 @@ def label_archs(
 ) -> LabelReport:
     """Label every (spec, task) that lacks an ``acc`` label for ``tag``; see the module doc.
 
-    ``chkpts`` maps a task to ``(head state, metadata)`` of a shared head
+    ``cfg`` is one training config for every task or one per task (a recipe,
+    :func:`aiop.tasks.recipes.recipe_config`). ``chkpts`` maps a task to
+    ``(head state, metadata)`` of a shared head
     (:func:`aiop.tasks.shared_head.load_head`): those tasks start from it.
     Architectures are the outer loop, so an interrupted run covers every task evenly.
     """
@@ -122,6 +187,7 @@ def label_archs(
 
     from aiop.cache import Store
     from aiop.profiler import tool_version
+    from aiop.tasks.recipes import recipe_id
 
     for t in tasks:
         check_task(t)
@@ -130,20 +196,32 @@ def label_archs(
     chkpts = chkpts or {}
     report = LabelReport()
     work = [(s, t) for s in specs for t in tasks]
+    cfgs = {t: task_config(cfg, t) for t in tasks}
+    rids = {
+        t: recipe_id(
+            cfgs[t],
+            t,
+            width,
+            _shared_key({"shared_head": chkpts[t][1]}) if t in chkpts else None,
+        )
+        for t in tasks
+    }
     with Store(cache_file) as store:
+        for t in tasks:  # before any training: a mismatch must cost nothing
+            check_recipe(store, t, tag, rids[t])
         for t in tasks:
             store.put_task(
                 t,
                 metric=PRIMARY_METRIC[t],
                 description={
                     "description": TASK_DESCRIPTIONS[t],
-                    "resolution": cfg.for_task(t).resolution,
+                    "resolution": cfgs[t].resolution,
                 },
             )
         bar = tqdm(work, desc=f"labels ({tag})", disable=not progress)
         for spec, task in bar:
             bar.set_postfix_str(f"{spec} {task}")
-            tcfg = cfg.for_task(task)
+            tcfg = cfgs[task]
             try:
                 model = build_task_model(
                     spec, task, resolution=tcfg.resolution, seed=tcfg.seed, width=width
@@ -156,9 +234,7 @@ def label_archs(
                     report.skipped.append((spec, task))
                     continue
                 shared = chkpts.get(task)
-                if shared is not None:
-                    load_head_state(model.head, shared[0])
-                result = train_task_model(model, tcfg, progress=False)
+                result, values = train_repeats(model, spec, tcfg, width, shared)
             except ValueError as exc:  # our errors: a bad arch or head; others are bugs
                 reason = str(exc).splitlines()[0]
                 log.warning("%s %s: %s", spec, task, reason)
@@ -173,7 +249,9 @@ def label_archs(
                 "cpu_seconds": round(result.cpu_seconds, 2),
                 "steps": result.steps,
                 "stopped_early": result.stopped_early,
+                "values": [round(v, 6) for v in values],  # one per seed of the recipe's repeats
                 "train": tcfg.to_dict(),
+                "recipe": rids[task],
                 "head_width": width,
                 "shared_head": shared[1] if shared is not None else None,
             }
@@ -195,6 +273,89 @@ def label_archs(
             if on_label is not None:
                 on_label(spec, task, primary)
     return report
+
+
+def train_repeats(
+    model: Any,
+    spec: str,
+    cfg: TrainConfig,
+    width: int,
+    shared: tuple[dict[str, Any], dict[str, Any]] | None,
+) -> tuple[TrainResult, list[float]]:
+    """Train ``model`` (seed ``cfg.seed``) and ``cfg.repeats − 1`` fresh copies under seeds
+    ``cfg.seed + 1, …``; the result holds every metric's mean over the repeats, their summed
+    seconds and steps, and the list of headline values per seed."""
+    results = []
+    for r in range(max(1, cfg.repeats)):
+        if r > 0:
+            model = build_task_model(
+                spec, model.task, resolution=cfg.resolution, seed=cfg.seed + r, width=width
+            )
+        if shared is not None:
+            load_head_state(model.head, shared[0])
+        results.append(train_task_model(model, replace(cfg, seed=cfg.seed + r), progress=False))
+    if len(results) == 1:
+        return results[0], [results[0].primary]
+    n = len(results)
+    keys = set.intersection(*(set(r.metrics) for r in results))
+    return (
+        TrainResult(
+            task=results[0].task,
+            metrics={k: sum(r.metrics[k] for r in results) / n for k in sorted(keys)},
+            seconds=sum(r.seconds for r in results),
+            train_seconds=sum(r.train_seconds for r in results),
+            steps=sum(r.steps for r in results),
+            cpu_seconds=sum(r.cpu_seconds for r in results),
+            losses=results[0].losses,
+            stopped_early=any(r.stopped_early for r in results),
+        ),
+        [r.primary for r in results],
+    )
+
+
+@dataclass
+class LabelSet:
+    """How many ``acc`` labels one (tag, task, family) holds, and with which recipe(s)."""
+
+    tag: str
+    task: str
+    family: str
+    count: int
+    recipes: list[str]
+    mean: float
+    min: float
+    max: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+def inventory(cache_file: str | Path) -> list[LabelSet]:
+    """Every label set of the store, by tag, task and family (what exists, for reports)."""
+    from aiop.cache import Store
+
+    groups: dict[tuple[str, str, str], list[tuple[float, str | None]]] = {}
+    with Store(cache_file, readonly=True) as store:
+        fams = {i.fingerprint: i.meta.get("family", "?") for i in store.graphs()}
+        for rec in store.labels(kind=ACC_KIND):
+            key = (rec.mode, rec.task, fams.get(rec.graph, "?"))
+            groups.setdefault(key, []).append((rec.value, label_recipe_id(rec.extra, rec.task)))
+    out = []
+    for (tag, task, family), vals in sorted(groups.items()):
+        values = [v for v, _ in vals]
+        out.append(
+            LabelSet(
+                tag=tag,
+                task=task,
+                family=family,
+                count=len(values),
+                recipes=sorted({r or "?" for _, r in vals}),
+                mean=sum(values) / len(values),
+                min=min(values),
+                max=max(values),
+            )
+        )
+    return out
 
 
 def read_labels(

@@ -426,6 +426,12 @@ class TrainConfig:
     seed: int = 0
     train_backbone: bool = True
     max_seconds: float | None = None  # stop early (and say so) past this wall time
+    # a label is the mean over this many trainings under seeds seed, seed+1, ...
+    # (aiop.tasks.labels.train_repeats); train_task_model itself trains once
+    repeats: int = 1
+    # where the label is measured: "val", or "val+test" (every held-out item: for the 5,000
+    # MNIST digits 1,500 instead of 500, a third of the top-1 sampling noise's variance)
+    val_split: str = "val"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -460,7 +466,24 @@ def make_loader(
     from aiop.tasks.data import build_dataset, collate_fn
 
     cfg = cfg.for_task(task)
-    ds = build_dataset(task, split, resolution=cfg.resolution, n=n, seed=cfg.data_seed)
+    parts = split.split("+")
+    if len(parts) == 1:
+        ds = build_dataset(task, split, resolution=cfg.resolution, n=n, seed=cfg.data_seed)
+    else:  # e.g. "val+test": evaluate on more held-out items (less sampling noise)
+        # n is shared out in proportion to the splits' default sizes
+        sizes = [len(build_dataset(task, s, resolution=cfg.resolution, seed=cfg.data_seed))
+                 for s in parts]  # fmt: skip
+        counts = (
+            [None] * len(parts)
+            if n is None
+            else [min(sz, max(1, round(n * sz / sum(sizes)))) for sz in sizes]
+        )
+        ds = torch.utils.data.ConcatDataset(
+            [
+                build_dataset(task, s, resolution=cfg.resolution, n=c, seed=cfg.data_seed)
+                for s, c in zip(parts, counts, strict=True)
+            ]
+        )
     return torch.utils.data.DataLoader(
         ds,
         batch_size=cfg.batch_size,
@@ -548,7 +571,7 @@ def train_task_model(
     cfg = cfg.for_task(task)
     torch.manual_seed(cfg.seed)
     train_loader = train_loader or make_loader(task, "train", cfg, shuffle=True, n=cfg.n_train)
-    val_loader = val_loader or make_loader(task, "val", cfg, shuffle=False, n=cfg.n_val)
+    val_loader = val_loader or make_loader(task, cfg.val_split, cfg, shuffle=False, n=cfg.n_val)
     if not cfg.train_backbone:
         for p in [*model.stem.parameters(), *model.blocks.parameters()]:
             p.requires_grad_(False)

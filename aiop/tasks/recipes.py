@@ -1,0 +1,198 @@
+"""Label recipes: how an architecture is trained for its accuracy label, named and hashed.
+
+A label is only comparable with labels made by the same recipe (epochs,
+samples, batch, learning rate, resolution, validation size, head width …), so
+every stored label carries its recipe id (:func:`recipe_id`) and a label set
+(the store's ``mode``, the scripts' ``-tag``) holds one recipe only
+(:func:`aiop.tasks.labels.label_archs` refuses to mix them).
+
+:data:`LABEL_RECIPES` names the recipes the project documents: ``v1`` is the
+first one (2 epochs of 1,000 samples, 300 validation items), ``v2`` the one the
+seed-noise study chose (``benchmarks/task_labels.py --noise``): classification
+labels are the mean of two 1-epoch trainings measured on all 500 validation
+digits, pose trains on 600 figures (the largest ofa_resnet backbones ran past
+60 s), the scene tasks keep ``v1``'s training and are measured on 500 validation
+scenes (their seed noise is already smaller than the spread between architectures). The default
+tag of a recipe is ``individual-<name>`` (or ``individual-<hash>`` for an
+unnamed one), so labels made by different recipes never share a tag.
+
+:func:`reliability` is the study's statistic: with every architecture trained
+under several seeds, the intraclass correlation ICC(1) is the share of a
+label's variance that belongs to the architecture rather than to the seed — the
+expected Spearman-like agreement between two independent labellings of the
+same architectures; Spearman–Brown gives the reliability of a mean over ``k``
+seeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from aiop.tasks.train import DEFAULT_RESOLUTION, TrainConfig
+
+# TrainConfig fields that change what a label measures. ``seed`` is left out on purpose:
+# labels of the same recipe under different seeds are replicates (the noise study's unit);
+# ``max_seconds`` only matters when a run stops early, which the label records itself.
+RECIPE_FIELDS: tuple[str, ...] = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "resolution",
+    "n_train",
+    "n_val",
+    "data_seed",
+    "train_backbone",
+    "repeats",
+    "val_split",
+)
+
+
+def _v1(task: str) -> TrainConfig:
+    return TrainConfig(epochs=2, n_train=1000, n_val=300).for_task(task)
+
+
+def _v2(task: str) -> TrainConfig:
+    # chosen by the seed-noise study (benchmarks/results/task_label_noise.md), see README
+    if task == "classification":
+        # the mean of two 1-epoch trainings (seeds 0, 1): at the CPU of one 2-epoch training,
+        # reliability 0.65 against 0.41 (ICC(1) of 1 and 2 epochs: 0.48 / 0.41 over 8 ofa_mbv3
+        # architectures); the largest ofa_resnet affords no more than 2 epochs' CPU in 60 s
+        return TrainConfig(epochs=1, n_train=1000, n_val=500, repeats=2).for_task(task)
+    if task == "pose":
+        # 600 figures instead of 1,000: the largest ofa_resnet backbones at 64 px spend
+        # ~50 ms of CPU per figure and step, so 2 x 1,000 figures ran past 60 s
+        return TrainConfig(epochs=2, n_train=600, n_val=300).for_task(task)
+    # scene tasks: v1's training, measured on 500 validation scenes as in the study (semantic
+    # ICC(1) 0.60: seed SD 0.011 against 0.015 between architectures)
+    return TrainConfig(epochs=2, n_train=1000, n_val=500).for_task(task)
+
+
+LABEL_RECIPES: dict[str, Any] = {"v1": _v1, "v2": _v2}
+DEFAULT_RECIPE = "v2"
+
+
+def recipe_config(name: str, task: str) -> TrainConfig:
+    """The :class:`TrainConfig` of recipe ``name`` for ``task`` (resolution filled in)."""
+    from aiop.tasks.heads import HeadError
+
+    if name not in LABEL_RECIPES:
+        raise HeadError(f"unknown label recipe {name!r}; valid: {', '.join(LABEL_RECIPES)}")
+    return LABEL_RECIPES[name](task)
+
+
+def recipe_fields(
+    cfg: TrainConfig | Mapping[str, Any],
+    task: str,
+    width: int,
+    shared: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The recipe-defining fields of a training config (a dataclass or its stored dict);
+    ``shared`` identifies the shared head a pseudo-label fine-tunes from."""
+    d = asdict(cfg) if isinstance(cfg, TrainConfig) else dict(cfg)
+    out = {k: d.get(k) for k in RECIPE_FIELDS}
+    if out["repeats"] is None:  # labels stored before repeats existed were trained once
+        out["repeats"] = 1
+    if out["val_split"] is None:  # ... and measured on the validation split
+        out["val_split"] = "val"
+    if out["resolution"] is None:
+        out["resolution"] = DEFAULT_RESOLUTION[task]
+    out["head_width"] = width
+    if shared is not None:
+        out["shared_head"] = dict(shared)
+    return out
+
+
+def recipe_id(
+    cfg: TrainConfig | Mapping[str, Any],
+    task: str,
+    width: int,
+    shared: Mapping[str, Any] | None = None,
+) -> str:
+    """A short content hash of the recipe (stable across runs and machines)."""
+    blob = json.dumps(recipe_fields(cfg, task, width, shared), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def recipe_name(cfg: TrainConfig, task: str, width: int) -> str:
+    """The name of ``cfg``'s recipe in :data:`LABEL_RECIPES`, else its hash."""
+    from aiop.tasks.heads import DEFAULT_WIDTH
+
+    rid = recipe_id(cfg, task, width)
+    if width == DEFAULT_WIDTH:
+        for name in LABEL_RECIPES:
+            if recipe_id(recipe_config(name, task), task, width) == rid:
+                return name
+    return rid
+
+
+def with_recipe(cfg: TrainConfig, name: str, task: str) -> TrainConfig:
+    """``cfg``'s seed on recipe ``name``'s settings."""
+    return replace(recipe_config(name, task), seed=cfg.seed)
+
+
+@dataclass
+class Reliability:
+    """How much of a label is the architecture and how much the seed."""
+
+    n_archs: int
+    n_seeds: float  # mean replicates per architecture
+    grand_mean: float
+    between_sd: float  # SD of the per-architecture means
+    within_sd: float  # pooled SD across seeds of one architecture
+    icc: float  # ICC(1): share of a single label's variance due to the architecture
+    snr: float  # between-architecture SD / seed SD (inf when the seed changes nothing)
+
+    def spearman_brown(self, k: int) -> float:
+        """Reliability of the mean of ``k`` seeds' labels."""
+        if math.isnan(self.icc):
+            return math.nan
+        icc = max(self.icc, 0.0)
+        return k * icc / (1 + (k - 1) * icc)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {
+            k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v)
+            for k, v in d.items()
+        }
+
+
+def reliability(values: Mapping[str, Sequence[float]]) -> Reliability:
+    """One-way random-effects ANOVA over ``{architecture: [label per seed]}``.
+
+    ICC(1) = (MSB − MSW) / (MSB + (k₀ − 1)·MSW) with k₀ the (unbalanced-design)
+    effective group size; architectures with one label add to the between part only.
+    """
+    groups = [list(map(float, v)) for v in values.values() if len(v) > 0]
+    a = len(groups)
+    n = sum(len(g) for g in groups)
+    if a < 2 or n <= a:
+        raise ValueError("reliability needs >= 2 architectures and some with >= 2 seeds")
+    grand = sum(sum(g) for g in groups) / n
+    means = [sum(g) / len(g) for g in groups]
+    ssb = sum(len(g) * (m - grand) ** 2 for g, m in zip(groups, means, strict=True))
+    ssw = sum((x - m) ** 2 for g, m in zip(groups, means, strict=True) for x in g)
+    msb = ssb / (a - 1)
+    msw = ssw / (n - a)
+    k0 = (n - sum(len(g) ** 2 for g in groups) / n) / (a - 1)
+    denom = msb + (k0 - 1) * msw
+    icc = (msb - msw) / denom if denom > 0 else math.nan
+    mean_of_means = sum(means) / a
+    between_sd = math.sqrt(sum((m - mean_of_means) ** 2 for m in means) / (a - 1))
+    within_sd = math.sqrt(msw)
+    snr = between_sd / within_sd if within_sd > 0 else math.inf
+    return Reliability(
+        n_archs=a,
+        n_seeds=n / a,
+        grand_mean=grand,
+        between_sd=between_sd,
+        within_sd=within_sd,
+        icc=icc,
+        snr=snr,
+    )

@@ -1,0 +1,128 @@
+"""Label recipes: ids, the one-recipe-per-tag rule, and the noise study's reliability statistic."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from aiop.cache import Store
+from aiop.tasks.labels import RecipeMismatch, inventory, label_archs, label_recipe_id
+from aiop.tasks.recipes import (
+    DEFAULT_RECIPE,
+    LABEL_RECIPES,
+    recipe_config,
+    recipe_id,
+    recipe_name,
+    reliability,
+)
+from aiop.tasks.train import TrainConfig
+
+
+def test_recipe_ids_follow_the_settings_not_the_seed() -> None:
+    v1 = recipe_config("v1", "classification")
+    assert v1.resolution == 32 and v1.epochs == 2 and v1.n_val == 300
+    same = recipe_id(replace(v1, seed=7), "classification", 64)
+    assert recipe_id(v1, "classification", 64) == same
+    assert recipe_id(v1, "classification", 64) != recipe_id(
+        replace(v1, epochs=3), "classification", 64
+    )
+    assert recipe_id(v1, "classification", 64) != recipe_id(v1, "classification", 32)  # head width
+    # the stored dict of a TrainConfig with resolution None gives the same id as the filled one
+    assert recipe_id(TrainConfig(epochs=2, n_val=300).to_dict(), "classification", 64) == (
+        recipe_id(v1, "classification", 64)
+    )
+    shared = {"family": "ofa_mbv3", "config": {"steps": 200}}
+    assert recipe_id(v1, "classification", 64, shared) != recipe_id(v1, "classification", 64)
+    for name in LABEL_RECIPES:
+        assert recipe_name(recipe_config(name, "pose"), "pose", 64) == name
+    assert recipe_name(replace(v1, lr=1.0), "classification", 64) == recipe_id(
+        replace(v1, lr=1.0), "classification", 64
+    )
+    assert DEFAULT_RECIPE in LABEL_RECIPES
+    with pytest.raises(ValueError, match="unknown label recipe 'v9'"):
+        recipe_config("v9", "pose")
+
+
+def test_reliability_separates_architecture_from_seed() -> None:
+    # no seed noise: all variance is the architecture's
+    clean = reliability({"a": [0.5, 0.5], "b": [0.7, 0.7], "c": [0.9, 0.9]})
+    assert clean.icc == pytest.approx(1.0) and clean.within_sd == 0 and math.isinf(clean.snr)
+    assert clean.between_sd == pytest.approx(0.2)
+    # same architecture means: nothing but noise
+    noise = reliability({"a": [0.4, 0.6], "b": [0.6, 0.4], "c": [0.5, 0.5]})
+    assert noise.icc < 0 and noise.between_sd == pytest.approx(0.0)
+    # a hand-computed balanced case: means 1, 3 (grand 2); MSB = 2*(1+1)/1 = 4,
+    # MSW = (0.25*2 + 0.25*2)/2 = 0.5; ICC = (4 - 0.5) / (4 + 0.5) = 7/9
+    r = reliability({"a": [0.5, 1.5], "b": [2.5, 3.5]})
+    assert r.icc == pytest.approx(7 / 9) and r.within_sd == pytest.approx(math.sqrt(0.5))
+    assert r.spearman_brown(1) == pytest.approx(7 / 9)
+    assert r.spearman_brown(2) == pytest.approx(2 * (7 / 9) / (1 + 7 / 9))
+    with pytest.raises(ValueError, match="2 architectures"):
+        reliability({"a": [0.5, 0.6]})
+
+
+TINY = TrainConfig(epochs=1, batch_size=16, resolution=32, n_train=32, n_val=16)
+
+
+def test_a_tag_holds_one_recipe(tmp_path: Path) -> None:
+    """A second recipe under the same tag is refused before training, and nothing changes."""
+    db = tmp_path / "r.db"
+    spec = ["family:ofa_pn:0"]
+    rep = label_archs(db, spec, ["classification"], TINY, tag="t", width=16, progress=False)
+    assert len(rep.labelled) == 1
+    with Store(db, readonly=True) as s:
+        (rec,) = s.labels(kind="acc", mode="t")
+    assert rec.extra["recipe"] == recipe_id(TINY, "classification", 16)
+    assert label_recipe_id(rec.extra, "classification") == rec.extra["recipe"]
+    # labels written before ids were recorded: the id is recomputed from their settings
+    legacy = {k: v for k, v in rec.extra.items() if k != "recipe"}
+    assert label_recipe_id(legacy, "classification") == rec.extra["recipe"]
+
+    other = replace(TINY, epochs=2)
+    with pytest.raises(RecipeMismatch, match="label set 't' of task classification holds"):
+        label_archs(db, ["family:ofa_pn:1"], ["classification"], other, tag="t", width=16)
+    with Store(db, readonly=True) as s:
+        assert len(list(s.labels(kind="acc", mode="t"))) == 1  # nothing added, nothing replaced
+    # the same recipe resumes (skips), a new tag takes the other recipe; per-task configs work
+    again = label_archs(db, spec, ["classification"], TINY, tag="t", width=16, progress=False)
+    assert again.skipped == [("family:ofa_pn:0", "classification")]
+    per_task = {"classification": other}
+    new = label_archs(db, spec, ["classification"], per_task, tag="t2", width=16, progress=False)
+    assert len(new.labelled) == 1
+    with pytest.raises(ValueError, match="no training config for task 'pose'"):
+        label_archs(db, spec, ["pose"], per_task, tag="t3", width=16, progress=False)
+    sets = {(x.tag, x.task, x.family): x for x in inventory(db)}
+    assert sets[("t", "classification", "ofa_pn")].count == 1
+    t2 = sets[("t2", "classification", "ofa_pn")]
+    assert t2.recipes == [recipe_id(other, "classification", 16)]
+
+
+def test_repeats_store_the_mean_over_seeds(tmp_path: Path) -> None:
+    db = tmp_path / "m.db"
+    cfg = replace(TINY, repeats=2)
+    rep = label_archs(db, ["family:ofa_pn:0"], ["classification"], cfg, tag="m", width=16)
+    assert len(rep.labelled) == 1
+    with Store(db, readonly=True) as s:
+        (acc,) = s.labels(kind="acc", mode="m")
+        (top1,) = s.labels(kind="top1", mode="m")
+    values = acc.extra["values"]
+    assert len(values) == 2 and acc.value == pytest.approx(sum(values) / 2)
+    assert top1.value == pytest.approx(acc.value)
+    assert acc.extra["steps"] == 2 * 2  # two trainings of 32 samples at batch 16
+    # the single-seed label of seed 0 is the first of the two
+    one = label_archs(db, ["family:ofa_pn:0"], ["classification"], TINY, tag="one", width=16)
+    assert one.labelled[0][2] == pytest.approx(values[0])
+
+
+def test_labels_can_be_measured_on_every_held_out_digit() -> None:
+    from aiop.tasks.train import make_loader
+
+    cfg = TrainConfig(val_split="val+test").for_task("classification")
+    assert len(make_loader("classification", "val+test", cfg, shuffle=False).dataset) == 1500
+    some = make_loader("classification", "val+test", cfg, shuffle=False, n=300).dataset
+    assert [len(d) for d in some.datasets] == [100, 200]  # in proportion to 500 / 1000
+    with pytest.raises(ValueError, match="unknown split 'tset'"):
+        make_loader("classification", "val+tset", cfg, shuffle=False)
