@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from aiop.predictor.train import ACC_MODE
+
 LOG = logging.getLogger("run_gpi_acc_predictor")
 VARIANTS = ("noft", "ft", "kadapt_noft", "kadapt_ft")
 UNITS = {"memory": "bytes", "latency": "s", "flops": "FLOPs"}
@@ -67,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-latency_device", default="cpu", help="device of the latency labels")
     p.add_argument("-latency_mode", default="real", help="mode of the latency labels")
+    p.add_argument(
+        "-acc_mode",
+        default=ACC_MODE,
+        help=f"task-label set (tag) of the accuracy targets, or 'any' (default {ACC_MODE})",
+    )
     p.add_argument("-epochs", type=int, default=60)
     p.add_argument("-batch_size", type=int, default=64)
     p.add_argument("-lr", type=float, default=1e-3)
@@ -143,6 +150,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             args.mode,
             latency_device=args.latency_device,
             latency_mode=args.latency_mode,
+            acc_mode=None if args.acc_mode == "any" else args.acc_mode,
         )
         targets = targets_present(samples)
         for t in args.targets:

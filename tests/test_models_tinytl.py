@@ -95,7 +95,7 @@ def test_lite_residual_trains_and_freezes_the_rest():
         loss = model.loss(model(x), y)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < losses[0]
     for n, p in frozen.items():
         assert torch.equal(p, model.get_parameter(n)), n

@@ -302,3 +302,19 @@ def test_script_missing_store(tmp_path, capsys):
     script = _load_script()
     rc = script.main(["-cache_file", str(tmp_path / "none.db"), "-family_test", "res"])
     assert rc == 2 and "no such store" in capsys.readouterr().err
+
+
+def test_accuracy_labels_come_from_one_label_set(tmp_path):
+    """Pseudo-labels and other recipes' sets never mix into the ground truth."""
+    path = tmp_path / "acc.db"
+    model = SmallCNN(width=8)
+    cg = from_torch(model, (1, *model.input_size), name="cnn8")
+    with Store(path) as store:
+        fp = store.put_graph(cg, meta={"family": "cnn"})
+        store.put_task("cls", metric="acc")
+        store.put_label(fp, "", "acc", 0.40, task="cls")  # untagged (an imported cache)
+        store.put_label(fp, "", "acc", 0.55, task="cls", mode="individual-v2")
+        store.put_label(fp, "", "acc", 0.90, task="cls", mode="shared-v2-ft1")
+    assert load_samples(path, ["acc"])[0].labels["acc:cls"] == 0.55
+    assert load_samples(path, ["acc"], acc_mode="shared-v2-ft1")[0].labels["acc:cls"] == 0.90
+    assert load_samples(path, ["acc"], acc_mode="other")[0].labels["acc:cls"] == 0.40

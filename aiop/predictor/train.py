@@ -35,6 +35,8 @@ from aiop.predictor.model import GNNSpec
 log = logging.getLogger(__name__)
 
 # Store label kinds that are not task metrics.
+# The task-label set accuracy targets learn from: ground truth of aiop.tasks' current recipe.
+ACC_MODE = "individual-v2"
 _NON_METRIC_KINDS = frozenset({"peak_memory_bytes", "latency_s", "flops", "params"})
 # Where each target's prediction sits in a ``Predictor.predict`` result.
 _PRED_KEYS = {"memory": "peak_memory_bytes", "latency": "latency_s", "flops": "flops_predicted"}
@@ -73,6 +75,7 @@ def load_samples(
     latency_device: str = "cpu",
     latency_mode: str = "real",
     families: Sequence[str] | None = None,
+    acc_mode: str | None = ACC_MODE,
 ) -> list[Sample]:
     """Samples of every (graph, configuration) with a label for one of ``targets``.
 
@@ -81,8 +84,12 @@ def load_samples(
     CPU runs); ``flops`` and ``acc:<task>`` are per-architecture labels (config
     ``''``) joined onto every configuration of their graph; ``acc`` stands for
     every task in the store. A graph with only per-architecture labels gets
-    one sample at the default configuration. Missing targets are simply absent
-    from ``Sample.labels``. Order: by graph fingerprint, then config spec.
+    one sample at the default configuration. Task metrics come from the label set
+    (the store's ``mode``: a tag such as ``individual-v2``) ``acc_mode`` names, plus
+    untagged labels (imported AIO-P caches), the tagged set winning where both exist —
+    sets made by other recipes or by pseudo-labelling never mix — or from every set
+    when it is None. Missing targets are simply absent from ``Sample.labels``. Order: by graph
+    fingerprint, then config spec.
     """
     from aiop.cache import Store
 
@@ -96,7 +103,11 @@ def load_samples(
                 # the profiler's own count (task '') wins over an imported per-task one
                 if lab.task == "" or "flops" not in graph_labels.get(lab.graph, {}):
                     graph_labels.setdefault(lab.graph, {})["flops"] = lab.value
-            elif lab.kind not in _NON_METRIC_KINDS and lab.task:
+            elif (
+                lab.kind not in _NON_METRIC_KINDS
+                and lab.task
+                and (acc_mode is None or lab.mode in (acc_mode, ""))
+            ):
                 metric_rows.setdefault((lab.graph, lab.task), {})[lab.kind] = lab.value
         tasks = sorted({task for _, task in metric_rows})
         wanted = _expand_targets(targets, tasks)
