@@ -14,15 +14,6 @@ from aiop.mconfig.config import method_trains
 from aiop.models.base import BlockNet, parameterised_modules
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on a shared 2-core box: more threads only contend (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class GNResNet(BlockNet):
     """A small residual net with GroupNorm and dropout (per-sample normalisation, so
     micro-batching must not change its gradients)."""

@@ -36,14 +36,6 @@ N_FAST = 6  # samples per family that train a step in the default run
 N_EXPORT = 1  # ONNX exports per family in the default run
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_family_names():
     assert FAMILY_NAMES == ("ofa_mbv3", "ofa_pn", "ofa_resnet")
 

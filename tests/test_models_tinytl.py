@@ -24,14 +24,6 @@ SMALL = {"width_mult": 0.25, "num_classes": 10, "resolution": 32}
 ALL_SPECS = [f"zoo:{n}" for n in ZOO_NAMES] + [f"family:{f}:0" for f in FAMILY_NAMES]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _small(spec: str) -> nn.Module:
     torch.manual_seed(0)
     return build(spec, **(SMALL if spec.startswith("zoo:") else {}))

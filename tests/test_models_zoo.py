@@ -25,14 +25,6 @@ SMALL = 32  # px: every zoo model runs at 32 px (stride-32 nets end at 1×1)
 LIGHT = {"width_mult": 0.25, "num_classes": 10, "resolution": SMALL}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # two shared cores: threads only add contention
-    yield
-    torch.set_num_threads(n)
-
-
 def export_onnx(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> bytes:
     f = io.BytesIO()
     torch.onnx.export(

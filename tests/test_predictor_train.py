@@ -50,15 +50,6 @@ def _load_script():
     return module
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """PyG's scatter_add_ is ~1000× slower with 2 intra-op threads on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def store_path(tmp_path_factory) -> Path:
     """Three SmallCNN and three TinyResNet graphs (widths 8/12/16), memory = analytic × factor."""

@@ -19,15 +19,6 @@ from aiop.profiler import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors on a shared 2-core box: more threads only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class ResNetLike(BlockNet):
     """Residual blocks with BatchNorm, ReLU (in place) and dropout."""
 
