@@ -72,6 +72,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aiop.cg.graph import CGError, ComputeGraph, Node
+from aiop.cg.lite import block_lite_spec
 from aiop.cg.torch_ops import (
     BUILDERS,
     FnOp,
@@ -272,29 +273,6 @@ def _resolve_missing(cg: ComputeGraph, steps: list[_Step]) -> list[_Step]:
 
 
 # -- partition into stem / blocks / head -------------------------------------------------
-
-
-def block_lite_spec(
-    nodes: Sequence[Node], x: Sequence[int] | None, y: Sequence[int] | None
-) -> LiteSpec | None:
-    """Which lite residual TinyTL gives a block of ``nodes`` from input shape ``x`` to ``y``.
-
-    The rule the analytic memory model assumes for aiop's blocks
-    (:func:`aiop.predictor.analytic.with_lite_branches`): a convolutional block (NCHW in
-    and out, two or more convolutions, no attention — residual, inverted-residual and
-    dense layers, not transitions) takes a conv branch; a transformer block (B×N×D in and
-    out, attention and LayerNorm) a token branch; anything else none.
-    """
-    if x is None or y is None:
-        return None
-    ops = {n.op for n in nodes}
-    attention = "Softmax" in ops
-    if len(x) == 4 and len(y) == 4 and sum(n.op == "Conv" for n in nodes) >= 2 and not attention:
-        stride = max(1, round(x[2] / y[2])) if y[2] else 1
-        return LiteSpec("conv", int(x[1]), int(y[1]), stride)
-    if len(x) == 3 and tuple(x) == tuple(y) and attention and "LayerNormalization" in ops:
-        return LiteSpec("tokens", int(x[2]), int(y[2]))
-    return None
 
 
 def _label(param: str) -> str:

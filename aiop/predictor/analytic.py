@@ -66,6 +66,7 @@ import numpy as np
 
 from aiop.cg.flops import node_flops
 from aiop.cg.graph import ComputeGraph, ConstTensor, Edge, Node, tensor_bytes
+from aiop.cg.lite import block_lite_spec
 from aiop.cg.vocab import VIEW_OPS
 from aiop.mconfig import MConfig
 from aiop.mconfig.config import cg_plan, node_blocks
@@ -1425,15 +1426,13 @@ def with_lite_branches(cg: ComputeGraph, blocks: list[int | None]) -> ComputeGra
         if port >= len(cg.nodes[src].output_shapes):
             continue
         x, y = tuple(cg.nodes[src].output_shapes[port]), tuple(last.output_shapes[0])
-        ops_in = {cg.nodes[i].op for i in nodes}
-        n_conv = sum(1 for i in nodes if cg.nodes[i].op == "Conv")
-        attention = "Softmax" in ops_in
-        if len(x) == 4 and len(y) == 4 and n_conv >= 2 and not attention:
-            ops = _conv_branch(x, y, sum(cg.nodes[i].params for i in nodes))
-        elif len(x) == 3 and x == y and attention and "LayerNormalization" in ops_in:
-            ops = _token_branch(x)
-        else:
+        spec = block_lite_spec([cg.nodes[i] for i in nodes], x, y)
+        if spec is None:
             continue
+        if spec.kind == "conv":
+            ops = _conv_branch(x, y, sum(cg.nodes[i].params for i in nodes))
+        else:
+            ops = _token_branch(x)
         if ops:
             branches[nodes[-1]] = (b, (src, port), ops)
     if not branches:
