@@ -5,9 +5,10 @@
 
 Labels each (model, task) with a label recipe (:mod:`aiop.tasks.recipes`, default
 the project's) into the store through :func:`aiop.tasks.labels.label_archs`
-under the tag ``individual-<recipe>`` — exactly what ``run_train_cgs_on_task.py``
-does — and reports the wall seconds and CPU seconds (this process's CPU time:
-one core's work, which is what the target is about when other jobs share the
+under the recipe's tag for the task (:func:`aiop.tasks.recipes.label_tag`:
+``individual-<recipe>``, or the older recipe's tag where the recipe trains the task as an
+older one does) and reports the wall seconds and CPU seconds (this process's CPU
+time: one core's work, which is what the target is about when other jobs share the
 cores) each label took, as recorded with the label. A (model, task) already in
 the store is not trained again: its recorded timings are reported, marked
 ``reused``. Results: ``benchmarks/results/<out>.{json,md}``.
@@ -20,10 +21,11 @@ and how much the seed, for candidate recipes (:data:`CANDIDATES`)::
 
 Each (task, family, candidate, architecture, seed) is trained once (no store:
 these runs are replicates, not labels) and appended to
-``benchmarks/results/task_label_noise_runs.jsonl``, so an interrupted study
-resumes; the summary (:func:`aiop.tasks.recipes.reliability`: ICC(1), between-
-architecture vs seed SD, CPU seconds, Spearman between seed replicates) goes
-to ``benchmarks/results/task_label_noise.{json,md}``.
+``benchmarks/results/task_label_noise_runs.jsonl`` (``--noise_out NAME``:
+``NAME_runs.jsonl``), so an interrupted study resumes; the summary
+(:func:`aiop.tasks.recipes.reliability`: ICC(1), between-architecture vs seed SD,
+CPU seconds, Spearman between seed replicates) goes to
+``benchmarks/results/task_label_noise.{json,md}`` (``NAME.{json,md}``).
 """
 
 from __future__ import annotations
@@ -52,8 +54,11 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "d2": {"epochs": 2, "n_train": 2000, "n_val": 500},
     "e2lr": {"epochs": 2, "n_train": 1000, "n_val": 500, "lr": 1e-2},
     "e3lr": {"epochs": 3, "n_train": 1000, "n_val": 500, "lr": 1e-2},
+    # pose: recipe v2's 600 figures and v3's 500 (at the task's 64 px)
+    "p600": {"epochs": 2, "n_train": 600, "n_val": 300},
+    "p500": {"epochs": 2, "n_train": 500, "n_val": 300},
 }
-NOISE_RUNS = RESULTS / "task_label_noise_runs.jsonl"
+NOISE_OUT = "task_label_noise"  # the study's files: <out>_runs.jsonl, <out>.json, <out>.md
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--candidates", nargs="+", default=["e1", "e2", "e4", "d2"])
     p.add_argument("--report_only", action="store_true", help="noise: summarise, train nothing")
+    p.add_argument(
+        "--noise_out", default=NOISE_OUT, help="noise: name of the study's files under results/"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.noise:
@@ -77,15 +85,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from aiop.cache import Store
     from aiop.tasks.labels import label_archs
-    from aiop.tasks.recipes import DEFAULT_RECIPE, recipe_config
+    from aiop.tasks.recipes import DEFAULT_RECIPE, label_tag, recipe_config
     from aiop.tasks.train import PRIMARY_METRIC
 
     recipe = args.recipe or DEFAULT_RECIPE
-    tag = f"individual-{recipe}"
     rows: list[dict[str, Any]] = []
     for spec in args.models:
         for task in args.tasks:
             cfg = recipe_config(recipe, task)
+            tag = label_tag(recipe, task)
             report = label_archs(args.store, [spec], [task], cfg, tag=tag, progress=False)
             with Store(args.store, readonly=True) as store:
                 models = {i.fingerprint: i.meta.get("model") for i in store.graphs()}
@@ -99,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                     "model": spec,
                     "task": task,
                     "recipe": recipe,
+                    "tag": tag,
                     "resolution": cfg.resolution,
                     "metric": PRIMARY_METRIC[task],
                     "value": round(rec.value, 4),
@@ -124,18 +133,24 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `{result['command']}` ({result['machine']}; "
         f"OMP_NUM_THREADS={result['omp_num_threads']})",
         "",
-        "| model | task | recipe | px | metric | value | wall s | CPU s | steps | ≤ 60 s CPU |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | task | recipe | tag | px | metric | value | wall s | CPU s | steps "
+        "| ≤ 60 s CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ok = "yes" if r["cpu_s"] is not None and r["cpu_s"] <= 60 else "no"
         lines.append(
-            f"| {r['model']} | {r['task']} | {r['recipe']} | {r['resolution']} | {r['metric']} "
-            f"| {r['value']} "
-            f"| {r['wall_s']} | {r['cpu_s']} | {r['steps']} | {ok} |"
+            f"| {r['model']} | {r['task']} | {r['recipe']} | {r['tag']} | {r['resolution']} "
+            f"| {r['metric']} | {r['value']} | {r['wall_s']} | {r['cpu_s']} | {r['steps']} | {ok} |"
         )
     (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     return 0
+
+
+def _noise_runs(args: argparse.Namespace, suffix: str = "_runs.jsonl") -> Path:
+    """The study's runs file (one JSON line per training), or its summary with ``suffix``."""
+    name = Path(args.noise_out).name  # a name under results/, never a path elsewhere
+    return RESULTS / f"{name}{suffix}"
 
 
 def _noise_key(r: dict[str, Any]) -> tuple:
@@ -164,7 +179,8 @@ def noise_study(args: argparse.Namespace) -> int:
         if c not in CANDIDATES:
             print(f"unknown candidate {c!r}; valid: {', '.join(CANDIDATES)}", file=sys.stderr)
             return 2
-    done = {_noise_key(r) for r in _read_runs(NOISE_RUNS)}
+    runs_file = _noise_runs(args)
+    done = {_noise_key(r) for r in _read_runs(runs_file)}
     # cheap candidates first and seeds innermost, so a partial study is already summarisable
     work = [
         {"task": t, "family": f, "candidate": c, "arch": a, "seed": s}
@@ -189,7 +205,7 @@ def noise_study(args: argparse.Namespace) -> int:
             "steps": res.steps,
             "config": cfg.to_dict(),
         }
-        with NOISE_RUNS.open("a") as fh:  # one line per run: a kill loses at most this run
+        with runs_file.open("a") as fh:  # one line per run: a kill loses at most this run
             fh.write(json.dumps(row) + "\n")
         summarise_noise(args)
     summarise_noise(args)
@@ -205,7 +221,8 @@ def summarise_noise(args: argparse.Namespace) -> dict[str, Any]:
 
     from aiop.tasks.recipes import reliability
 
-    runs = _read_runs(NOISE_RUNS)
+    runs_file = _noise_runs(args)
+    runs = _read_runs(runs_file)
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in runs:
         groups.setdefault((r["task"], r["family"], r["candidate"]), []).append(r)
@@ -267,11 +284,11 @@ def summarise_noise(args: argparse.Namespace) -> dict[str, Any]:
         "command": "python benchmarks/task_labels.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores shared with other jobs",
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "runs_file": str(NOISE_RUNS.relative_to(ROOT)),
+        "runs_file": str(runs_file.relative_to(ROOT)),
         "results": rows,
         "agreement": agreement,
     }
-    (RESULTS / "task_label_noise.json").write_text(json.dumps(result, indent=2) + "\n")
+    _noise_runs(args, ".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         "# Seed noise vs between-architecture spread of task labels",
         "",
@@ -308,7 +325,7 @@ def summarise_noise(args: argparse.Namespace) -> dict[str, Any]:
             f"| {g['srcc_of_means']} |"
             for g in agreement
         ]
-    (RESULTS / "task_label_noise.md").write_text("\n".join(lines) + "\n")
+    _noise_runs(args, ".md").write_text("\n".join(lines) + "\n")
     return result
 
 

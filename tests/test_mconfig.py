@@ -14,6 +14,7 @@ from aiop.mconfig import (
     METHODS,
     PRECISIONS,
     VECTOR_NAMES,
+    CGPlanner,
     MConfig,
     MConfigError,
     MSpace,
@@ -275,6 +276,48 @@ def test_node_flags_agree_with_prepared_model(spec: str) -> None:
         if node.params:
             assert flag == bool(set(node.param_names) & trainable_names)
     assert torch.is_grad_enabled()
+
+
+def test_planner_memo_equals_fresh_plans_over_the_space() -> None:
+    """One planner asked for many configs (memoised) answers what a fresh one answers for
+    each, and what it hands out is a copy: changing it changes no later answer."""
+    cg = _chain_cg()
+    planner = CGPlanner(cg)
+    configs = MSpace.for_model(planner.n_blocks, batch_size=8).sample(300, seed=3)
+    seen_plans = set()
+    for c in configs * 2:  # the second pass answers from the memo
+        trainable, segments = planner.plan(c)
+        assert (trainable, segments) == cg_plan(c, cg) == CGPlanner(cg).plan(c)
+        flags = planner.node_flags(c)
+        assert flags == CGPlanner(cg).node_flags(c) == c.node_flags(cg)
+        assert planner.flags_signature(c) == (tuple(flags["trainable"]), tuple(flags["recomputed"]))
+        seen_plans.add((tuple(trainable), tuple(segments)))
+        trainable[:] = [not t for t in trainable]
+        segments.clear()
+        flags["trainable"][:] = []
+    assert len(seen_plans) > 20  # the sample covers many distinct plans
+    # configs whose freezing rounds to the same layer count share one plan
+    assert planner.key(MConfig(freeze=0.30)) == planner.key(MConfig(freeze=0.31))
+    assert planner.key(MConfig(freeze=0.30)) != planner.key(MConfig(freeze=0.40))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_planner_agrees_with_prepared_model_over_the_space(seed: int) -> None:
+    """The CG-only plan equals what prepare() trains and checkpoints on the model, over
+    a sample of the space (the methods that add no modules)."""
+    methods = ("full", "last", "bias", "norm+last")
+    space = MSpace.for_model(5, batch_size=4, precisions=("fp32",), methods=methods)
+    for cfg in space.sample(25, seed=seed):
+        model = _TinyNet()
+        plan = prepare(model, cfg)
+        cg = _cg_of(model)
+        assert CGPlanner(cg).node_flags(cfg) == cfg.node_flags(cg, plan)
+        trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
+        node_trainable, segments = cg_plan(cfg, cg)
+        assert segments == [tuple(s) for s in plan.segments]
+        for node, flag in zip(cg.nodes, node_trainable):
+            if node.params:
+                assert flag == bool(set(node.param_names) & trainable_names)
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from mpopt_helpers import tiny_retrain_settings
 
 from aiop.cli import load_predictor, main
 from aiop.mpopt.drift import FEATURES, DriftDetector, DriftError, image_features
@@ -66,24 +67,10 @@ def cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPa
 
 
 def settings(**kw: Any) -> RetrainSettings:
-    base: dict[str, Any] = dict(
-        model="zoo:mobilenet_v2",
-        model_kwargs={"width_mult": 0.25},
-        stream="digits-c-short",
-        budget_mb=40,
-        steps_per_domain=5,
-        batch_size=16,
-        resolution=16,
-        pretrain_epochs=1,
-        pretrain_samples=200,
-        eval_size=40,
-        probe_size=30,
-        top_k=2,
-        probe_steps=1,
-        space={"freezes": (0.0, 0.5), "segments": (0,), "precisions": ("fp32",)},
-    )
-    base.update(kw)
-    return RetrainSettings(**base)
+    """Five steps per domain at batch 16 under a flat 40 MB: enough for the detector's
+    reference batches before each boundary."""
+    kw = {"budget_mb": 40, "steps_per_domain": 5, "batch_size": 16, **kw}
+    return tiny_retrain_settings(**kw)
 
 
 @pytest.mark.slow

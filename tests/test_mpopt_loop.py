@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from mpopt_helpers import tiny_retrain_settings
 
 from aiop.cli import load_predictor, main
 from aiop.mconfig import MConfig
@@ -160,29 +161,18 @@ def test_cli_bad_input(capsys: pytest.CaptureFixture[str], args: list[str], matc
 
 # -- whole runs (slow): a tiny model on a short stream ---------------------------------
 
-SMALL_SPACE = {"freezes": (0.0, 0.5), "segments": (0, 2), "precisions": ("fp32",)}
-
 
 def settings(**kw: Any) -> RetrainSettings:
-    base: dict[str, Any] = dict(
-        model="zoo:mobilenet_v2",
-        model_kwargs={"width_mult": 0.25},
-        stream="digits-c-short",
-        budget_mb=12,
-        budget_schedule=[(0, 12.0), (3, 6.0)],
-        steps_per_domain=2,
-        batch_size=8,
-        resolution=16,
-        pretrain_epochs=1,
-        pretrain_samples=200,
-        eval_size=40,
-        probe_size=30,
-        top_k=2,
-        probe_steps=1,
-        space=SMALL_SPACE,
-    )
-    base.update(kw)
-    return RetrainSettings(**base)
+    """Two steps per domain at batch 8, the budget halving from 12 MB at step 3, with
+    checkpointing in the space."""
+    kw = {
+        "budget_mb": 12,
+        "budget_schedule": [(0, 12.0), (3, 6.0)],
+        "steps_per_domain": 2,
+        "batch_size": 8,
+        **kw,
+    }
+    return tiny_retrain_settings(segments=(0, 2), **kw)
 
 
 @pytest.fixture

@@ -7,9 +7,8 @@ import pytest
 
 from aiop.cg import from_torch
 from aiop.mconfig import MConfig, MSpace
-from aiop.mconfig.config import cg_plan
 from aiop.models.examples import SmallCNN, TinyResNet
-from aiop.predictor.analytic import CGPlanner, PlanCache, estimate_memory
+from aiop.predictor.analytic import PlanCache, estimate_memory
 from aiop.predictor.latency import (
     LATENCY_TERMS,
     LatencyError,
@@ -137,15 +136,6 @@ def test_fit_and_model_errors():
 
 
 # -- the fast path: one node plan per structural key, shared -----------------------------
-@pytest.mark.parametrize("cls", [SmallCNN, TinyResNet])
-def test_planner_equals_cg_plan(cls):
-    cg = from_torch(cls(), (1, *cls().input_size))
-    planner = CGPlanner(cg)
-    for c in MSpace.for_model(planner.n_blocks, batch_size=16).sample(80, seed=3):
-        assert planner.plan(c) == cg_plan(c, cg)
-        assert planner.node_flags(c) == c.node_flags(cg)
-
-
 def test_shared_plan_cache_equals_fresh_estimates(resnet):
     """Estimates through one shared cache (deduplicated simulations, memoised saves and
     gradient walks) equal estimates each computed from scratch, to the byte."""

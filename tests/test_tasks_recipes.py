@@ -13,12 +13,13 @@ from aiop.tasks.labels import RecipeMismatch, inventory, label_archs, label_reci
 from aiop.tasks.recipes import (
     DEFAULT_RECIPE,
     LABEL_RECIPES,
+    label_tag,
     recipe_config,
     recipe_id,
     recipe_name,
     reliability,
 )
-from aiop.tasks.train import TrainConfig
+from aiop.tasks.train import PRIMARY_METRIC, TrainConfig
 
 
 def test_recipe_ids_follow_the_settings_not_the_seed() -> None:
@@ -44,6 +45,39 @@ def test_recipe_ids_follow_the_settings_not_the_seed() -> None:
     assert DEFAULT_RECIPE in LABEL_RECIPES
     with pytest.raises(ValueError, match="unknown label recipe 'v9'"):
         recipe_config("v9", "pose")
+
+
+# Every named recipe's id per task. Labels exist for these: a named recipe never changes
+# (a new setting is a new name), so a change here is a bug, not a test to update.
+PINNED_IDS = {
+    "v1": {"classification": "19463c08", "scene": "f7ebf9e9", "pose": "9f219bf9"},
+    "v2": {"classification": "455f6223", "scene": "095322a1", "pose": "96f04862"},
+    "v3": {"classification": "455f6223", "scene": "095322a1", "pose": "933c8c09"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED_IDS))
+def test_named_recipes_never_change(name: str) -> None:
+    for task in PRIMARY_METRIC:
+        key = task if task in ("classification", "pose") else "scene"
+        assert recipe_id(recipe_config(name, task), task, 64) == PINNED_IDS[name][key], task
+    assert set(PINNED_IDS) == set(LABEL_RECIPES)  # a new named recipe is pinned too
+
+
+def test_v3_changes_pose_only_and_shares_v2s_label_sets() -> None:
+    """v3 trains pose on 500 figures; every other task exactly as v2, so its labels join
+    v2's sets (and pass their one-recipe check), while pose gets a set of its own."""
+    for task in PRIMARY_METRIC:
+        v2, v3 = recipe_config("v2", task), recipe_config("v3", task)
+        if task == "pose":
+            assert (v3.n_train, v3.resolution, v3.epochs) == (500, 64, 2) and v3 != v2
+            assert label_tag("v3", task) == "individual-v3"
+        else:
+            assert v3 == v2
+            assert label_tag("v3", task) == "individual-v2"
+        assert label_tag("v2", task) == "individual-v2"
+        assert label_tag("v1", task, kind="shared") == "shared-v1"
+        assert recipe_name(v3, task, 64) == ("v3" if task == "pose" else "v2")
 
 
 def test_reliability_separates_architecture_from_seed() -> None:

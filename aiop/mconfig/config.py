@@ -260,38 +260,27 @@ class MConfig:
         With a :class:`~aiop.mconfig.apply.Plan` (what :func:`~aiop.mconfig.apply.prepare`
         returned for the model the CG was exported from) the flags follow its
         trainable parameter names and checkpoint segments exactly. Without one they
-        are derived from the CG alone with the same rules (see :func:`cg_plan`).
+        are derived from the CG alone with the same rules (see :func:`cg_plan`; for
+        many configs of one graph, :meth:`CGPlanner.node_flags` memoises them).
         ``blocks`` may pass :func:`node_blocks` of ``cg`` when the caller has it already.
         """
+        if plan is None:
+            return CGPlanner(cg, blocks).node_flags(self)
         nodes = list(cg.nodes)
         if blocks is None:
             blocks = node_blocks(cg)
-        if plan is None:
-            node_trainable, segments = cg_plan(self, cg, blocks)
-        else:
-            trainable_names = set(plan.trainable_params)
-            segments = [tuple(s) for s in plan.segments]
-            node_trainable = [
-                bool(n.params > 0 and _node_param_names(n, i) & trainable_names)
-                for i, n in enumerate(nodes)
-            ]
-            # Parameter names missing from the plan (e.g. an ONNX export that renamed
-            # initialisers) would freeze everything: fall back to the CG rules then.
-            if any(n.params > 0 for n in nodes) and not any(node_trainable) and trainable_names:
-                node_trainable, segments = cg_plan(self, cg, blocks)
-        recomputed_blocks = {b for start, stop in segments for b in range(start, stop)}
-        trainable: list[bool] = []
-        seen = False
-        for i, n in enumerate(nodes):
-            if n.params > 0:
-                trainable.append(node_trainable[i])
-                seen = seen or node_trainable[i]
-            else:
-                # Autograd keeps a parameterless node's activations only when a
-                # trainable parameter lies at or before it in forward order.
-                trainable.append(seen)
-        recomputed = [b is not None and b in recomputed_blocks for b in blocks]
-        return {"trainable": trainable, "recomputed": recomputed}
+        trainable_names = set(plan.trainable_params)
+        node_trainable = [
+            bool(n.params > 0 and _node_param_names(n, i) & trainable_names)
+            for i, n in enumerate(nodes)
+        ]
+        # Parameter names missing from the plan (e.g. an ONNX export that renamed
+        # initialisers) would freeze everything: fall back to the CG rules then.
+        if any(n.params > 0 for n in nodes) and not any(node_trainable) and trainable_names:
+            return CGPlanner(cg, blocks).node_flags(self)
+        segments = [tuple(s) for s in plan.segments]
+        weighted = [n.params > 0 for n in nodes]
+        return _flags(weighted, node_trainable, segments, blocks)
 
 
 def _int(text: str, key: str) -> int:
@@ -379,12 +368,37 @@ def node_blocks(cg: _GraphLike) -> list[int | None]:
     return out
 
 
-def cg_plan(
-    config: MConfig, cg: _GraphLike, blocks: list[int | None] | None = None
-) -> tuple[list[bool], list[tuple[int, int]]]:
-    """Per-node trainability of weighted nodes and the checkpoint segments, from a CG alone.
+def _flags(
+    weighted: Sequence[bool],
+    node_trainable: Sequence[bool],
+    segments: Sequence[tuple[int, int]],
+    blocks: Sequence[int | None],
+) -> dict[str, list[bool]]:
+    """Per-node flags from the plan of the weighted nodes and the segments."""
+    recomputed_blocks = {b for start, stop in segments for b in range(start, stop)}
+    trainable: list[bool] = []
+    seen = False
+    for has_params, own in zip(weighted, node_trainable):
+        if has_params:
+            trainable.append(own)
+            seen = seen or own
+        else:
+            # Autograd keeps a parameterless node's activations only when a
+            # trainable parameter lies at or before it in forward order.
+            trainable.append(seen)
+    recomputed = [b is not None and b in recomputed_blocks for b in blocks]
+    return {"trainable": trainable, "recomputed": recomputed}
 
-    ``blocks`` may pass :func:`node_blocks` of ``cg`` when the caller has it already.
+
+class CGPlanner:
+    """The node plan of one CG (:func:`cg_plan`) for many configurations.
+
+    Each weighted node's layer, head membership and TinyTL method rules are read
+    once per graph; a configuration then only picks the frozen prefix of layers and
+    the checkpoint segments. Plans, flags and their signatures are memoised by
+    :meth:`key`, the part of a config they depend on, so a planner kept per graph
+    (the predictor's ``PlanCache`` keeps one) answers repeated configs from memory.
+    The graph must not change while a planner of it is in use.
 
     Layers are the distinct module paths of the weighted nodes' parameter names
     (one layer per node when names are missing), in forward order; TinyTL's
@@ -392,50 +406,120 @@ def cg_plan(
     frozen. Segments cut the blocks from the first one holding or following a
     trainable parameter, as :func:`aiop.mconfig.apply.prepare` does.
     """
-    from aiop.models.base import split_segments
 
-    nodes = list(cg.nodes)
-    weighted = [i for i, n in enumerate(nodes) if n.params > 0]
-    unit_of_node: dict[int, str] = {}
-    units: list[str] = []
-    for i in weighted:
-        names = nodes[i].param_names
-        unit = unit_of(names[0]) if names else f"#node{i}"
-        unit_of_node[i] = unit
-        if unit not in units:
-            units.append(unit)
-    frozen_units = set(units[: config.n_frozen_units(len(units))])
-    last_unit = units[-1] if units else None
-    # The head is what BlockNet calls ``head``; without module names, the last layer.
-    named_head = any(u.startswith("head.") or u == "head" for u in units)
-    trainable = [False] * len(nodes)
-    for i in weighted:
-        unit = unit_of_node[i]
-        if unit in frozen_units:
-            continue
-        names = nodes[i].param_names or [f"{unit}.weight"]
-        is_norm = nodes[i].op in _NORM_OPS
-        trainable[i] = any(
-            method_trains(
-                config.method,
-                name,
-                name.startswith("head.") if named_head else unit == last_unit,
-                is_norm,
-            )
-            for name in names
-        )
-    blocks = node_blocks(cg) if blocks is None else blocks
-    known = [b for b in blocks if b is not None]
-    segments: list[tuple[int, int]] = []
-    if config.ckpt and known and any(trainable):
-        n_blocks = max(known) + 1
-        first = trainable.index(True)
-        # The first block at or after the first trainable node (0 when it is in the
-        # stem, None when it is in the head).
-        start = next((b for b in blocks[first:] if b is not None), None)
-        if start is not None and start < n_blocks:
-            k = min(config.ckpt, n_blocks - start)
-            segments = [
-                (start + r.start, start + r.stop) for r in split_segments(n_blocks - start, k)
+    def __init__(self, cg: _GraphLike, blocks: list[int | None] | None = None) -> None:
+        nodes = list(cg.nodes)
+        self.num_nodes = len(nodes)
+        self.blocks = node_blocks(cg) if blocks is None else list(blocks)
+        known = [b for b in self.blocks if b is not None]
+        self.n_blocks = max(known) + 1 if known else 0
+        self.weighted = [i for i, n in enumerate(nodes) if n.params > 0]
+        self._is_weighted = [n.params > 0 for n in nodes]
+        units: dict[str, int] = {}  # layer -> its position in forward order
+        unit_of_node: dict[int, str] = {}
+        for i in self.weighted:
+            names = nodes[i].param_names
+            unit = unit_of(names[0]) if names else f"#node{i}"
+            unit_of_node[i] = unit
+            units.setdefault(unit, len(units))
+        self.n_units = len(units)
+        self._unit_pos = {i: units[u] for i, u in unit_of_node.items()}
+        last_unit = next(reversed(units)) if units else None
+        # The head is what BlockNet calls ``head``; without module names, the last layer.
+        named_head = any(u.startswith("head.") or u == "head" for u in units)
+        # per weighted node: (parameter name, in head, is norm), the method rules' inputs
+        self._rules = {
+            i: [
+                (
+                    name,
+                    name.startswith("head.") if named_head else unit_of_node[i] == last_unit,
+                    nodes[i].op in _NORM_OPS,
+                )
+                for name in (nodes[i].param_names or [f"{unit_of_node[i]}.weight"])
             ]
-    return trainable, segments
+            for i in self.weighted
+        }
+        self._by_method: dict[str, list[bool]] = {}
+        self._plans: dict[tuple[int, int, str], tuple[list[bool], list[tuple[int, int]]]] = {}
+        self._flags: dict[tuple[int, int, str], dict[str, list[bool]]] = {}
+        self._signatures: dict[tuple[int, int, str], tuple[tuple[bool, ...], ...]] = {}
+
+    def key(self, config: MConfig) -> tuple[int, int, str]:
+        """What the plan of ``config`` depends on: frozen layers, segments asked, method."""
+        return (config.n_frozen_units(self.n_units), config.ckpt, config.method)
+
+    def _method_trains(self, method: str) -> list[bool]:
+        """Per node: whether ``method`` trains it before any freezing (memoised)."""
+        out = self._by_method.get(method)
+        if out is None:
+            out = [False] * self.num_nodes
+            for i, rules in self._rules.items():
+                out[i] = any(method_trains(method, *rule) for rule in rules)
+            self._by_method[method] = out
+        return out
+
+    def _plan(self, config: MConfig) -> tuple[list[bool], list[tuple[int, int]]]:
+        key = self.key(config)
+        hit = self._plans.get(key)
+        if hit is not None:
+            return hit
+        from aiop.models.base import split_segments
+
+        n_frozen, ckpt, method = key
+        trains = self._method_trains(method)
+        pos = self._unit_pos
+        trainable = [False] * self.num_nodes
+        for i in self.weighted:
+            trainable[i] = trains[i] and pos[i] >= n_frozen
+        segments: list[tuple[int, int]] = []
+        if ckpt and self.n_blocks and any(trainable):
+            first = trainable.index(True)
+            # The first block at or after the first trainable node (0 when it is in the
+            # stem, None when it is in the head).
+            start = next((b for b in self.blocks[first:] if b is not None), None)
+            if start is not None and start < self.n_blocks:
+                k = min(ckpt, self.n_blocks - start)
+                segments = [
+                    (start + r.start, start + r.stop)
+                    for r in split_segments(self.n_blocks - start, k)
+                ]
+        self._plans[key] = (trainable, segments)
+        return trainable, segments
+
+    def plan(self, config: MConfig) -> tuple[list[bool], list[tuple[int, int]]]:
+        """Per-node trainability of weighted nodes and the checkpoint segments (copies of
+        the memoised plan, so callers may change them)."""
+        trainable, segments = self._plan(config)
+        return list(trainable), list(segments)
+
+    def node_flags(self, config: MConfig) -> dict[str, list[bool]]:
+        """``config.node_flags(cg)`` (a copy of the memoised flags)."""
+        key = self.key(config)
+        flags = self._flags.get(key)
+        if flags is None:
+            node_trainable, segments = self._plan(config)
+            flags = self._flags[key] = _flags(
+                self._is_weighted, node_trainable, segments, self.blocks
+            )
+        return {k: list(v) for k, v in flags.items()}
+
+    def flags_signature(self, config: MConfig) -> tuple[tuple[bool, ...], ...]:
+        """A hashable form of :meth:`node_flags`: configs with equal signatures flag the
+        same nodes trainable and recomputed."""
+        key = self.key(config)
+        sig = self._signatures.get(key)
+        if sig is None:
+            flags = self.node_flags(config)
+            sig = self._signatures[key] = (tuple(flags["trainable"]), tuple(flags["recomputed"]))
+        return sig
+
+
+def cg_plan(
+    config: MConfig, cg: _GraphLike, blocks: list[int | None] | None = None
+) -> tuple[list[bool], list[tuple[int, int]]]:
+    """Per-node trainability of weighted nodes and the checkpoint segments, from a CG alone.
+
+    ``blocks`` may pass :func:`node_blocks` of ``cg`` when the caller has it already.
+    The rules are :class:`CGPlanner`'s; keep a planner per graph to plan many configs.
+    """
+    return CGPlanner(cg, blocks).plan(config)

@@ -69,7 +69,7 @@ from aiop.cg.graph import ComputeGraph, ConstTensor, Edge, Node, tensor_bytes
 from aiop.cg.lite import block_lite_spec
 from aiop.cg.vocab import VIEW_OPS
 from aiop.mconfig import MConfig
-from aiop.mconfig.config import cg_plan, node_blocks
+from aiop.mconfig.config import CGPlanner, node_blocks
 from aiop.predictor.latency import LatencyGraph, LatencyPlan, latency_graph, latency_plan
 
 _SAVES_OUTPUT = frozenset(
@@ -1089,127 +1089,6 @@ def _weight_trainable(own_trainable: list[bool], weights_plan: list[bool] | None
 
 _WITHOUT_BIAS = {"bias": "last", "lite+bias": "lite"}
 
-_NORM_OPS = frozenset(
-    {"BatchNormalization", "GroupNormalization", "LayerNormalization", "InstanceNormalization"}
-)
-
-
-class CGPlanner:
-    """:func:`aiop.mconfig.config.cg_plan` for many configurations of one graph.
-
-    ``cg_plan`` re-derives each weighted node's layer, head membership and method rule
-    per call (about 1.5 ms on MobileNetV2); here they are read once per graph, and a
-    configuration only picks the frozen prefix of layers and the segments. The result is
-    equal to ``cg_plan``'s (a test compares them over the config space).
-    """
-
-    def __init__(self, cg: ComputeGraph, blocks: list[int | None] | None = None) -> None:
-        from aiop.mconfig.config import unit_of
-
-        nodes = list(cg.nodes)
-        self.num_nodes = len(nodes)
-        self.blocks = node_blocks(cg) if blocks is None else blocks
-        known = [b for b in self.blocks if b is not None]
-        self.n_blocks = max(known) + 1 if known else 0
-        self.weighted = [i for i, n in enumerate(nodes) if n.params > 0]
-        units: dict[str, int] = {}  # layer -> its position in forward order
-        unit_of_node: dict[int, str] = {}
-        for i in self.weighted:
-            names = nodes[i].param_names
-            unit = unit_of(names[0]) if names else f"#node{i}"
-            unit_of_node[i] = unit
-            units.setdefault(unit, len(units))
-        self.n_units = len(units)
-        self.unit_pos = {i: units[u] for i, u in unit_of_node.items()}
-        last_unit = next(reversed(units)) if units else None
-        named_head = any(u.startswith("head.") or u == "head" for u in units)
-        # per weighted node: (parameter name, in head, is norm) for the method rules
-        self._rules = {
-            i: [
-                (
-                    name,
-                    name.startswith("head.") if named_head else unit_of_node[i] == last_unit,
-                    nodes[i].op in _NORM_OPS,
-                )
-                for name in (nodes[i].param_names or [f"{unit_of_node[i]}.weight"])
-            ]
-            for i in self.weighted
-        }
-        self._by_method: dict[str, list[bool]] = {}
-        self._flags: dict[tuple[float, int, str], dict[str, list[bool]]] = {}
-        self._flag_sigs: dict[tuple[float, int, str], tuple] = {}
-        self._memo: dict[tuple[float, int, str], tuple[list[bool], list[tuple[int, int]]]] = {}
-
-    def _method_trains(self, method: str) -> list[bool]:
-        """Per node: whether ``method`` trains it before any freezing (memoised)."""
-        from aiop.mconfig.config import method_trains
-
-        out = self._by_method.get(method)
-        if out is None:
-            out = [False] * self.num_nodes
-            for i, rules in self._rules.items():
-                out[i] = any(method_trains(method, *rule) for rule in rules)
-            self._by_method[method] = out
-        return out
-
-    def plan(self, config: MConfig) -> tuple[list[bool], list[tuple[int, int]]]:
-        """``cg_plan(config, cg, blocks)``, memoised by :func:`structural_key`."""
-        key = structural_key(config)
-        hit = self._memo.get(key)
-        if hit is not None:
-            return hit
-        from aiop.models.base import split_segments
-
-        n_frozen = config.n_frozen_units(self.n_units)
-        trains = self._method_trains(config.method)
-        pos = self.unit_pos
-        trainable = [False] * self.num_nodes
-        for i in self.weighted:
-            trainable[i] = trains[i] and pos[i] >= n_frozen
-        segments: list[tuple[int, int]] = []
-        if config.ckpt and self.n_blocks and any(trainable):
-            first = trainable.index(True)
-            start = next((b for b in self.blocks[first:] if b is not None), None)
-            if start is not None and start < self.n_blocks:
-                k = min(config.ckpt, self.n_blocks - start)
-                segments = [
-                    (start + r.start, start + r.stop)
-                    for r in split_segments(self.n_blocks - start, k)
-                ]
-        self._memo[key] = (trainable, segments)
-        return trainable, segments
-
-    def node_flags(self, config: MConfig) -> dict[str, list[bool]]:
-        """``config.node_flags(cg)`` from the memoised plan: a parameterless node counts as
-        trainable once a trainable parameter lies at or before it in forward order."""
-        key = structural_key(config)
-        flags = self._flags.get(key)
-        if flags is None:
-            node_trainable, segments = self.plan(config)
-            weighted = set(self.weighted)
-            recomputed_blocks = {b for start, stop in segments for b in range(start, stop)}
-            trainable: list[bool] = []
-            seen = False
-            for i in range(self.num_nodes):
-                if i in weighted:
-                    trainable.append(node_trainable[i])
-                    seen = seen or node_trainable[i]
-                else:
-                    trainable.append(seen)
-            recomputed = [b is not None and b in recomputed_blocks for b in self.blocks]
-            flags = self._flags[key] = {"trainable": trainable, "recomputed": recomputed}
-        return {k: list(v) for k, v in flags.items()}  # (a copy: callers may change it)
-
-    def flags_signature(self, config: MConfig) -> tuple:
-        """A hashable form of :meth:`node_flags`: configs with equal signatures have the
-        same PyG graph."""
-        key = structural_key(config)
-        sig = self._flag_sigs.get(key)
-        if sig is None:
-            flags = self.node_flags(config)
-            sig = self._flag_sigs[key] = (tuple(flags["trainable"]), tuple(flags["recomputed"]))
-        return sig
-
 
 @dataclass(frozen=True)
 class StepStructure:
@@ -1228,22 +1107,16 @@ def step_structure(
     config: MConfig,
     blocks: list[int | None] | None = None,
     info: GraphInfo | None = None,
-    plans: dict[tuple[float, int, str], tuple[list[bool], list[tuple[int, int]]]] | None = None,
     planner: CGPlanner | None = None,
 ) -> StepStructure:
-    """The :class:`StepStructure` of ``config`` (``plans`` memoises :func:`cg_plan` results
-    by (freeze, ckpt, method) across calls; a ``planner`` of ``cg`` replaces both)."""
+    """The :class:`StepStructure` of ``config`` (a ``planner`` of ``cg``, the
+    :class:`~aiop.mconfig.config.CGPlanner` kept across calls, memoises the node plans)."""
     blocks = node_blocks(cg) if blocks is None else blocks
     info = graph_info(cg) if info is None else info
-    plans = {} if plans is None else plans
+    planner = CGPlanner(cg, blocks) if planner is None else planner
 
     def plan_of(method: str) -> tuple[list[bool], list[tuple[int, int]]]:
-        if planner is not None:
-            return planner.plan(config.replace(method=method))
-        key = (round(config.freeze, 6), config.ckpt, method)
-        if key not in plans:
-            plans[key] = cg_plan(config.replace(method=method), cg, blocks)
-        return plans[key]
+        return planner.plan(config.replace(method=method))
 
     own_trainable, segments = plan_of(config.method)
     without_bias = _WITHOUT_BIAS.get(config.method)
@@ -1645,7 +1518,7 @@ class PlanCache:
         return self._plain.planner.node_flags(config)
 
     def flags_signature(self, config: MConfig) -> tuple:
-        """:meth:`CGPlanner.flags_signature` on the CG itself."""
+        """:meth:`~aiop.mconfig.config.CGPlanner.flags_signature` on the CG itself."""
         assert self._plain.planner is not None
         return self._plain.planner.flags_signature(config)
 
