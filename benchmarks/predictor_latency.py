@@ -1,11 +1,16 @@
 """Training-step latency on held-out architectures: analytic model, GNN correction, AIO-P.
 
 The store's latency labels (``latency_s`` of ``-mode real`` runs on this CPU, one
-thread) are predicted by three predictors, each fitted on the training split only:
+thread) are predicted by these predictors, each fitted on the training split only:
 
-* ``analytic``: the analytic step cost of :mod:`aiop.predictor.latency` with its
-  device constants fitted (least squares on log latency) on the training labels;
-* ``default``: the default GNN (GINE) learning ``log(measured / analytic)``;
+* ``kernels``: the kernel-level step cost of :mod:`aiop.predictor.latency` — the sum of
+  the kernels the step runs, priced by the kernel regressors of
+  :mod:`aiop.predictor.kernels` (fitted on generic microbenchmarks, no label), under its
+  few constants fitted on the training labels;
+* ``default``: the default GNN (GINE) learning ``log(measured / kernels)``;
+* ``analytic``: the older 30-term analytic step cost with its device constants fitted
+  (least squares on log latency) on the training labels; ``terms_gnn`` (with
+  ``-settings``): the GNN on top of it (the previous default);
 * ``aiop``: AIO-P's baseline (6 × GraphConv, 32 wide, tanh, mean pool) predicting
   latency itself (``log`` normaliser), no analytic input.
 
@@ -17,7 +22,8 @@ held-out architectures), and the fitted constants. Writes
 ``benchmarks/results/predictor_latency.json``, ``.md`` and
 ``predictor_latency_scatter.png``.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/predictor_latency.py [-epochs 60] [-seeds 1]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/predictor_latency.py [-epochs 60] [-seeds 1] \
+        [-settings kernels default analytic aiop] [-kernel_model FILE]
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ import numpy as np
 import torch
 
 RESULTS = Path(__file__).parent / "results"
-SETTINGS = ("analytic", "default", "aiop")
+SETTINGS = ("kernels", "default", "analytic", "terms_gnn", "aiop")
+DEFAULT_SETTINGS = ("kernels", "default", "analytic", "aiop")
 METRICS = ("n", "mape", "median_ape", "p95_ape", "srcc", "within_10")
 
 
@@ -56,6 +63,14 @@ def _snapshot(store: Path, tmp: Path) -> Path:
     return dst
 
 
+def _by_graph(samples: list[Any]) -> dict[str, list[Any]]:
+    """Samples by graph fingerprint, in first-seen order (as ``collect_predictions`` walks)."""
+    out: dict[str, list[Any]] = {}
+    for s in samples:
+        out.setdefault(s.cg.meta.get("fp") or s.cg.fingerprint, []).append(s)
+    return out
+
+
 def _random_split(samples: list[Any], share: float, seed: int) -> tuple[list[Any], list[Any]]:
     """Hold out ``share`` of every family's architectures (all their configurations)."""
     held: set[str] = set()
@@ -68,6 +83,29 @@ def _random_split(samples: list[Any], share: float, seed: int) -> tuple[list[Any
     return train, test
 
 
+_KERNELS: dict[str, Any] = {}
+
+
+def _kernel_model(args: argparse.Namespace) -> Any:
+    """The kernel model every split shares (it is fitted on microbenchmarks, not labels)."""
+    from aiop.predictor.kernels import DEFAULT_KERNEL_MODEL, KernelModel
+
+    path = args.kernel_model or str(DEFAULT_KERNEL_MODEL)
+    if path not in _KERNELS:
+        _KERNELS[path] = KernelModel.load(path)
+    return _KERNELS[path]
+
+
+class _LatencyAlone:
+    """A predictor's latency model without its GNN, in ``collect_predictions``' shape."""
+
+    def __init__(self, pred: Any) -> None:
+        self.pred = pred
+
+    def predict(self, cg: Any, configs: list[Any]) -> list[dict[str, float]]:
+        return [{"latency_s": float(v)} for v in self.pred.analytic_latency(cg, configs)]
+
+
 def _fit(setting: str, train: list[Any], args: argparse.Namespace, seed: int) -> Any:
     from aiop.predictor.api import Predictor
     from aiop.predictor.model import GNNSpec
@@ -77,14 +115,22 @@ def _fit(setting: str, train: list[Any], args: argparse.Namespace, seed: int) ->
         pred = AnalyticPredictor()
         pred.fit_latency(train)
         return pred
-    spec = GNNSpec() if setting == "default" else GNNSpec.aiop_baseline()
+    kernels = _kernel_model(args)
+    if setting == "kernels":
+        alone = Predictor(targets=["latency"], kernel_model=kernels)
+        if alone.fit_latency_model(train) is None:
+            raise SystemExit("too few latency labels to fit on")
+        return _LatencyAlone(alone)
+    spec = GNNSpec.aiop_baseline() if setting == "aiop" else GNNSpec()
     pred = Predictor(
         spec=spec,
         targets=["latency"],
         epochs=args.epochs,
         seed=seed,
         progress=not args.q,
-        analytic=setting == "default",
+        analytic=setting != "aiop",
+        latency_kind="terms" if setting == "terms_gnn" else "kernels",
+        kernel_model=kernels,
     )
     pred.fit(train)
     return pred
@@ -111,6 +157,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train_r, test_r = _random_split(samples, args.holdout, seed=0)
     splits.append(("random", train_r, test_r))
     pooled: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
+    tagged: dict[str, tuple[list[float], list[float], list[tuple[str, str]]]] = {}
     per_split: dict[str, dict[str, Any]] = {}
     fit_s: dict[str, float] = {}
     for name, train, test in splits:
@@ -123,8 +170,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "test_architectures": len({s.cg.meta["fp"] for s in test}),
         }
         kind = "lofo" if name.startswith("lofo") else "random"
-        for setting in SETTINGS:
-            seeds = [0] if setting == "analytic" else list(range(args.seeds))
+        for setting in args.settings:
+            seeds = [0] if setting in ("analytic", "kernels") else list(range(args.seeds))
             for seed in seeds:
                 t0 = time.perf_counter()
                 pred = _fit(setting, train, args, seed)
@@ -135,6 +182,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ys, ps = pooled.setdefault(kind, {}).setdefault(setting, ([], []))
                 ys += pairs.y_true
                 ps += pairs.y_pred
+                if kind == "lofo":
+                    # (collect_predictions keeps the samples' order within each graph)
+                    tags = [
+                        (s.family, s.config.prec)
+                        for group in _by_graph(test).values()
+                        for s in group
+                        if "latency" in s.labels
+                    ]
+                    if len(tags) != len(pairs.y_true):
+                        raise SystemExit("internal: latency pairs and their tags differ")
+                    ty, tp, tt = tagged.setdefault(setting, ([], [], []))
+                    ty += pairs.y_true
+                    tp += pairs.y_pred
+                    tt += tags
                 print(
                     f"{name:16s} {setting:9s} seed {seed}: MAPE {metrics['mape']:.1f} %, "
                     f"median {metrics['median_ape']:.1f} %, SRCC {metrics['srcc']:.3f}",
@@ -147,10 +208,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         for kind, by_setting in pooled.items()
     }
+    from aiop.predictor.api import Predictor
     from aiop.predictor.train import AnalyticPredictor
 
     everything = AnalyticPredictor()
     model = everything.fit_latency(samples)
+    kernel_all = Predictor(targets=["latency"], kernel_model=_kernel_model(args))
+    kmodel = kernel_all.fit_latency_model(samples)
     return {
         "store": str(args.store),
         "labels": len(samples),
@@ -164,6 +228,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "summary": summary,
         "splits": per_split,
         "fit_seconds": fit_s,
+        "kernel_constants_all_labels": {
+            "readable": kmodel.describe() if kmodel is not None else {},
+            "in_sample_median_ape": kmodel.fit_median_ape if kmodel is not None else None,
+        },
+        "breakdown": _breakdown({"lofo_tagged": tagged}),
         "constants_all_labels": {
             "raw": dict(zip(model.terms, model.constants)),
             "readable": model.describe(),
@@ -178,12 +247,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _breakdown(pooled: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """Leave-one-family-out errors per predictor by precision and by held-out family."""
+    from aiop.predictor.metrics import regression_metrics
+
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for setting, (ys, ps, tags) in pooled.get("lofo_tagged", {}).items():
+        groups: dict[str, tuple[list[float], list[float]]] = {}
+        for y, p, (fam, prec) in zip(ys, ps, tags):
+            for g in (prec, fam):
+                a, b = groups.setdefault(g, ([], []))
+                a.append(y)
+                b.append(p)
+        out[setting] = {
+            g: {k: v for k, v in regression_metrics(a, b).items() if k in METRICS}
+            for g, (a, b) in sorted(groups.items())
+        }
+    return out
+
+
 def _markdown(result: dict[str, Any]) -> str:
     names = {
-        "analytic": "analytic step cost, calibrated (ablation)",
-        "default": "default GNN (GINE) × analytic",
+        "kernels": "kernel sum (microbenchmarked kernels, few constants fitted)",
+        "default": "default GNN (GINE) × kernel sum",
+        "analytic": "30-term analytic step cost, calibrated (previous model)",
+        "terms_gnn": "GNN (GINE) × 30-term analytic (previous default)",
         "aiop": "AIO-P baseline (6 × GraphConv 32, tanh, mean; log)",
     }
+    settings = [s for s in SETTINGS if any(s in by for by in result["summary"].values())]
     lines = [
         f"Latency labels: {result['labels']} one-thread CPU training steps on "
         f"{sum(result['architectures'].values())} architectures "
@@ -209,17 +300,40 @@ def _markdown(result: dict[str, Any]) -> str:
             )
         lines.append("")
     lines += ["**Per held-out family (MAPE / median APE, seed mean)**", ""]
-    lines.append("| split | " + " | ".join(names[s] for s in SETTINGS) + " |")
-    lines.append("|---|" + "---|" * len(SETTINGS))
+    lines.append("| split | " + " | ".join(names[s] for s in settings) + " |")
+    lines.append("|---|" + "---|" * len(settings))
     for name, split in result["splits"].items():
         cells = []
-        for s in SETTINGS:
+        for s in settings:
             runs = split.get(s, [])
             mape = np.mean([r["mape"] for r in runs]) if runs else float("nan")
             med = np.mean([r["median_ape"] for r in runs]) if runs else float("nan")
             cells.append(f"{mape:.1f} % / {med:.1f} %")
         lines.append(f"| {name} ({split['test_samples']} labels) | " + " | ".join(cells) + " |")
-    lines += ["", "**Device constants fitted on every label (one thread, this CPU)**", ""]
+    lines += [
+        "",
+        "**Held-out error by precision and family (leave one family out, MAPE / median APE)**",
+        "",
+    ]
+    bd = result.get("breakdown", {})
+    if bd:
+        cols = sorted({g for by in bd.values() for g in by})
+        lines.append("| predictor | " + " | ".join(cols) + " |")
+        lines.append("|---|" + "---|" * len(cols))
+        for s, by in bd.items():
+            cells = [
+                f"{by[g]['mape']:.1f} % / {by[g]['median_ape']:.1f} % (n {by[g]['n']})"
+                if g in by
+                else "–"
+                for g in cols
+            ]
+            lines.append(f"| {names[s]} | " + " | ".join(cells) + " |")
+    kc = result.get("kernel_constants_all_labels", {})
+    if kc.get("readable"):
+        lines += ["", "**Kernel-sum constants fitted on every label**", ""]
+        for k, v in kc["readable"].items():
+            lines.append(f"- {k}: {v:.4g}")
+    lines += ["", "**30-term device constants fitted on every label (one thread, this CPU)**", ""]
     for k, v in result["constants_all_labels"]["readable"].items():
         lines.append(f"- {k}: {v:.4g}")
     return "\n".join(lines) + "\n"
@@ -235,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-name", default="predictor_latency")
     parser.add_argument("-out", default=str(RESULTS), help="directory of the result files")
     parser.add_argument("-q", action="store_true", help="no progress bars")
+    parser.add_argument("-settings", nargs="+", default=list(DEFAULT_SETTINGS), choices=SETTINGS)
+    parser.add_argument(
+        "-kernel_model", default=None, help="kernel model JSON (default: this CPU's)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)  # PyG's scatter ops crawl with 2 threads on a shared 2-core box

@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-latency_device", default="cpu", help="device of the latency labels")
     p.add_argument("-latency_mode", default="real", help="mode of the latency labels")
     p.add_argument(
+        "-latency_kind",
+        default="kernels",
+        choices=["kernels", "terms"],
+        help="latency model the GNN corrects: kernel sums (default) or the 30-term model",
+    )
+    p.add_argument("-kernel_model", default=None, help="kernel model JSON (default: this CPU's)")
+    p.add_argument(
         "-acc_mode",
         default=ACC_MODE,
         help=f"task-label set (tag) of the accuracy targets, or 'any' (default {ACC_MODE})",
@@ -209,6 +216,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             seed=seed,
             progress=False,
             analytic=not args.no_analytic,
+            latency_kind=args.latency_kind,
+            kernel_model=args.kernel_model,
         )
         if not split.train:
             raise UsageError("no training samples in -family_train")

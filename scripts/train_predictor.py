@@ -7,9 +7,13 @@
 A deterministic 10 % of the graphs is held out: the predictor is fitted on the
 rest and its error quantiles on the held-out graphs are saved with it (the
 planner's safety margin). With latency labels (``-mode real -profiler latency``,
-one-thread CPU steps) the analytic latency model's device constants are fitted
-on the training graphs' labels and stored in the file's JSON metadata: a new
-device needs only its own labels and this command. Evaluate generalisation to unseen families with
+one-thread CPU steps) the latency model is fitted on the training graphs' labels
+and stored in the file's JSON metadata: by default the kernel-level model (the
+device's kernel regressors, ``-kernel_model``, fitted by ``python -m
+aiop.predictor.kernels`` on ``python -m aiop.profiler.microbench`` timings, under a
+few constants fitted here); ``-latency_kind terms`` the older 30-term model. A new
+device needs its own microbenchmarks, labels and these commands. Evaluate
+generalisation to unseen families with
 ``scripts/run_gpi_acc_predictor.py`` / ``benchmarks/predictor_accuracy.py``.
 """
 
@@ -40,6 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-epochs", type=int, default=60)
     parser.add_argument("-holdout", type=float, default=0.1)
     parser.add_argument("-seed", type=int, default=0)
+    parser.add_argument(
+        "-latency_kind",
+        default="kernels",
+        choices=["kernels", "terms"],
+        help="latency model: kernel sums (default) or the 30-term analytic model",
+    )
+    parser.add_argument(
+        "-kernel_model",
+        default=None,
+        help="kernel model JSON (default: data/kernel_bench/cpu_1thread.model.json)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # PyG's scatter ops crawl with 2 threads on a shared 2-core box
@@ -52,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         predictor = Predictor(
             spec=make_spec(args.gnn), targets=args.targets, epochs=args.epochs,
             seed=args.seed, progress=not args.quiet,
+            latency_kind=args.latency_kind, kernel_model=args.kernel_model,
         )  # fmt: skip
         predictor.fit(train)
         predictor.meta = {
@@ -64,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         if predictor.latency_model is not None:
             lm = predictor.latency_model
             predictor.meta["latency_model"] = {
+                "kind": "kernels" if hasattr(lm, "kernels") else "terms",
                 "n_labels": lm.n_labels,
                 "fit_median_ape": lm.fit_median_ape,
                 "device": lm.device,

@@ -105,7 +105,7 @@ def test_latency_benchmark_on_tiny_store(store_path, tmp_path):
     assert bench.main([*argv, "-out", str(tmp_path), "-name", "t", "-holdout", "0.34"]) == 0
     result = json.loads((tmp_path / "t.json").read_text())
     lofo = result["summary"]["lofo"]
-    assert set(lofo) == {"analytic", "default", "aiop"}
+    assert set(lofo) == {"kernels", "default", "analytic", "aiop"}
     # constants fitted on res (labels × 1.3), tested on cnn: 30 % too high, every label
     cnn = result["splits"]["lofo:cnn"]["analytic"][0]
     assert cnn["median_ape"] == pytest.approx(30.0, rel=0.02)

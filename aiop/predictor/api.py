@@ -5,10 +5,12 @@ Targets and how they are learned:
 * ``memory`` — peak training memory (bytes): the analytic estimate times
   ``exp(correction)``; the head learns the log-ratio ``log(measured/analytic)``
   (``stand``-normalised);
-* ``latency`` — seconds per optimizer step (all micro-batches): the analytic
-  step cost of :mod:`aiop.predictor.latency` (device constants fitted on the
-  training labels, stored in the file) times ``exp(correction)``, the head
-  learning ``log(measured/analytic)`` (``stand``); without the analytic model
+* ``latency`` — seconds per optimizer step (all micro-batches): the kernel-level
+  step cost of :mod:`aiop.predictor.latency` (the sum of the kernels the step runs,
+  each priced by the device's kernel regressors of :mod:`aiop.predictor.kernels`,
+  under a few constants fitted on the training labels; ``latency_kind="terms"``:
+  the older 30-term analytic model), stored in the file, times ``exp(correction)``,
+  the head learning ``log(measured/analytic)`` (``stand``); without the analytic model
   (``analytic=False``, AIO-P's setting) the head predicts it (``log``);
 * ``flops`` — forward FLOPs per sample (``log``); the CG's own count is exact
   and is what :meth:`Predictor.predict` reports, the head's value is kept as
@@ -45,11 +47,16 @@ from aiop.mconfig import MConfig
 from aiop.mconfig.config import VECTOR_NAMES
 from aiop.predictor.analytic import PlanCache, estimate_memory, structural_key
 from aiop.predictor.features import ANALYTIC_NAMES, GraphFeaturizer, analytic_features
+from aiop.predictor.kernels import DEFAULT_KERNEL_MODEL, KernelModel, KernelModelError
 from aiop.predictor.latency import (
     HALF_PRECISIONS,
+    KernelLatencyModel,
     LatencyError,
     LatencyModel,
+    fit_kernel_latency,
     fit_latency_constants,
+    kernel_parts,
+    latency_model_from_dict,
     latency_terms,
     term_parts,
 )
@@ -163,12 +170,21 @@ class Predictor:
         seed: int = 0,
         progress: bool = True,
         analytic: bool = True,
+        latency_kind: str = "kernels",
+        kernel_model: KernelModel | str | Path | None = None,
     ) -> None:
         self.spec = spec
+        if latency_kind not in ("kernels", "terms"):
+            raise PredictorError(f"latency_kind must be kernels or terms, got {latency_kind!r}")
+        # "kernels": step latency as the sum of the device's kernel times (the default);
+        # "terms": the 30-term analytic model (the ablation). ``kernel_model``: a fitted
+        # :class:`KernelModel` or its JSON file (default: this CPU's, in the repository)
+        self.latency_kind = latency_kind
+        self.kernel_model = kernel_model
         # False: AIO-P's setting, the heads see no analytic estimate and predict the
         # targets themselves (the ablation baseline)
         self.analytic = analytic
-        self.latency_model: LatencyModel | None = None
+        self.latency_model: LatencyModel | KernelLatencyModel | None = None
         self.targets = list(targets)
         self.tar_norm = tar_norm
         self.epochs = epochs
@@ -204,9 +220,22 @@ class Predictor:
 
     def _analytic_latency(self, cache: PlanCache, configs: Sequence[MConfig]) -> np.ndarray:
         """Analytic seconds per step of each config (zeros without a latency model)."""
-        if self.latency_model is None:
+        model = self.latency_model
+        if model is None:
             return np.zeros(len(configs))
-        theta = np.asarray(self.latency_model.constants, dtype=np.float64)
+        if isinstance(model, KernelLatencyModel):
+            # seconds per micro-batch and per step of each (structure, micro-batch,
+            # precision, optimizer): a config only scales them by its accumulation steps
+            parts: dict[tuple, tuple[float, float]] = {}
+            out = np.empty(len(configs))
+            for k, c in enumerate(configs):
+                key = (structural_key(c), c.mb, c.prec in HALF_PRECISIONS, c.opt)
+                ab = parts.get(key)
+                if ab is None:
+                    ab = parts[key] = model.coefficients(cache.latency_plan(c), c)
+                out[k] = c.accum_steps * ab[0] + ab[1]
+            return out
+        theta = np.asarray(model.constants, dtype=np.float64)
         # seconds per sample, per micro-batch and per step of each (structure, precision,
         # optimizer): a config only scales them by its batch size and accumulation steps
         coef: dict[tuple, np.ndarray] = {}
@@ -221,21 +250,55 @@ class Predictor:
             scale[k] = (c.batch_size, c.accum_steps, 1.0)
         return np.einsum("ij,ij->i", rows, scale)
 
-    def fit_latency_model(self, samples: Sequence[Sample]) -> LatencyModel | None:
-        """Fit the analytic latency model's device constants on the samples' latency labels
-        (None, and no latency model, with fewer than 3)."""
-        terms, ys = [], []
+    def analytic_latency(self, cg: ComputeGraph, configs: Iterable[MConfig | str]) -> np.ndarray:
+        """Seconds per step of each config by the latency model alone (no GNN correction);
+        needs :meth:`fit_latency_model` (or a loaded predictor with a latency model)."""
+        if self.latency_model is None:
+            raise PredictorError("no latency model: fit one on latency labels first")
+        parsed = [MConfig.parse(c) for c in configs]
+        return self._analytic_latency(self._plan_cache(self._fp(cg), cg), parsed)
+
+    def _kernels(self) -> KernelModel | None:
+        """The kernel model latency is built on (loaded once; None: none available)."""
+        km = self.kernel_model
+        if isinstance(km, KernelModel):
+            return km
+        path = Path(km) if km is not None else DEFAULT_KERNEL_MODEL
+        try:
+            self.kernel_model = KernelModel.load(path)
+        except KernelModelError as exc:
+            if km is not None:  # a file the caller named must be usable
+                raise PredictorError(str(exc)) from None
+            log.warning("%s: the 30-term latency model is used instead", exc)
+            return None
+        return self.kernel_model
+
+    def fit_latency_model(
+        self, samples: Sequence[Sample]
+    ) -> LatencyModel | KernelLatencyModel | None:
+        """Fit the latency model on the samples' latency labels: the kernel-level model's
+        few constants (``latency_kind="kernels"`` with a kernel model at hand) or the 30-term
+        model's device constants (None, and no latency model, with fewer than 3 labels)."""
+        kernels = self._kernels() if self.latency_kind == "kernels" else None
+        rows, ys = [], []
         for s in samples:
             y = s.labels.get("latency")
             if y is None or not math.isfinite(y) or y <= 0:
                 continue
             cache = self._plan_cache(self._fp(s.cg), s.cg)
-            terms.append(latency_terms(cache.latency_plan(s.config), s.config))
+            plan = cache.latency_plan(s.config)
+            if kernels is not None:
+                rows.append(kernel_parts(plan, s.config, kernels))
+            else:
+                rows.append(latency_terms(plan, s.config))
             ys.append(y)
         if len(ys) < 3:
             self.latency_model = None
             return None
-        self.latency_model = fit_latency_constants(np.stack(terms), np.asarray(ys))
+        if kernels is not None:
+            self.latency_model = fit_kernel_latency(np.stack(rows), np.asarray(ys), kernels)
+        else:
+            self.latency_model = fit_latency_constants(np.stack(rows), np.asarray(ys))
         return self.latency_model
 
     @staticmethod
@@ -523,7 +586,9 @@ class Predictor:
         self.analytic = bool(config.get("analytic", True))
         latency = config.get("latency_model")
         try:
-            self.latency_model = LatencyModel.from_dict(latency) if latency else None
+            self.latency_model = latency_model_from_dict(latency) if latency else None
+            if isinstance(self.latency_model, LatencyModel):
+                self.latency_kind = "terms"
         except LatencyError as exc:
             raise PredictorError(f"predictor file: {exc}") from None
         width = len(ANALYTIC_NAMES) if self.analytic else 0

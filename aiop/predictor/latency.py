@@ -1,4 +1,15 @@
-"""Analytic step latency: what one optimizer step executes, priced by a few device constants.
+"""Analytic step latency: what one optimizer step executes, priced on the device.
+
+Two models share the node plan of :func:`latency_plan`. The default, kernel-level one
+(:class:`KernelLatencyModel`, nn-Meter's idea for training steps) lists the kernels a step
+runs — per node: forward runs (twice when checkpointing recomputes it), input-gradient
+and weight-gradient backward kernels, bias-only gradients; none below the trainable part;
+TinyTL's lite branches on the graph with them — prices each with the device's kernel
+regressors (:mod:`aiop.predictor.kernels`, fitted on microbenchmarks, not on labels) at the
+config's micro-batch size and precision, and sums them × micro-batches, with the
+optimizer's measured cost, under the few constants of :data:`KERNEL_TERMS` fitted on step
+labels. The older model below (:class:`LatencyModel`, 30 global terms) is kept as the
+ablation:
 
 The physics the learned latency correction starts from (like
 :mod:`aiop.predictor.analytic` for memory). One step under an
@@ -44,11 +55,13 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from aiop.cg.graph import ComputeGraph
 from aiop.mconfig import MConfig
+from aiop.predictor.kernels import KernelModel, KernelModelError, NodeKernels, node_kernels
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +145,18 @@ class LatencyPlan:
     half_ops: int
     trainable_params: int
     trainable_tensors: int
+    # per node, what the kernel-level model sums: forward runs (2: recomputed), whether it
+    # runs its input-gradient (or whole) backward, its weight gradient, a bias-only gradient
+    fwd_runs: np.ndarray | None = field(default=None, repr=False, compare=False)
+    bwd_input: np.ndarray | None = field(default=None, repr=False, compare=False)
+    bwd_weight: np.ndarray | None = field(default=None, repr=False, compare=False)
+    bwd_bias: np.ndarray | None = field(default=None, repr=False, compare=False)
+    graph: LatencyGraph | None = field(default=None, repr=False, compare=False)
+    # kernel sums by (kernel model, micro-batch, precision), memoised for the configs
+    # sharing this plan
+    memo: dict[tuple[int, int, str], tuple[Any, ...]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
 
 @dataclass
@@ -153,6 +178,8 @@ class LatencyGraph:
     low_precision: list[bool]
     groups: list[int]  # convolutions: their group count (0: not a convolution)
     category: list[str]  # conv, grouped, norm or other
+    # the kernel each op runs and its shape (the kernel-level model's input)
+    kernels: NodeKernels | None = field(default=None, repr=False)
 
 
 def latency_graph(cg: ComputeGraph, info: object, graph_batch: int) -> LatencyGraph:
@@ -205,7 +232,10 @@ def latency_graph(cg: ComputeGraph, info: object, graph_batch: int) -> LatencyGr
     for i, node in enumerate(cg.nodes):
         if node.params > 0 and not is_const[i]:
             wbytes[inner.get(i, i)] += 4.0 * node.params
-    return LatencyGraph(is_op, dense, grouped, act, wbytes, has_weight, low, groups, category)
+    kernels = node_kernels(cg, is_op, eff_op)
+    return LatencyGraph(
+        is_op, dense, grouped, act, wbytes, has_weight, low, groups, category, kernels
+    )
 
 
 def latency_plan(
@@ -242,6 +272,13 @@ def latency_plan(
     calls["groups_fwd"] = calls["groups_bwd"] = 0
     half_ops = 0
     tensors = 0
+    # (plain lists in the loop: numpy's per-element writes cost more than the walk)
+    fwd_runs = [0.0] * n
+    bwd_in = [0.0] * n
+    bwd_w = [0.0] * n
+    bwd_bias = [0.0] * n
+    nk = lg.kernels
+    weight_kernel = nk.has_weight_grad.tolist() if nk is not None else [False] * n
     for i in range(n):
         input_grad = False
         for s, _, _ in preds[i]:
@@ -267,6 +304,7 @@ def latency_plan(
             rgr += gflops
             br += a
         calls[f"{cat}_fwd"] += runs
+        fwd_runs[i] = runs
         calls["groups_fwd"] += runs * grp
         half_ops += runs * lg.low_precision[i]
         if not needs:
@@ -274,6 +312,14 @@ def latency_plan(
         weight_grad = bool(own[i] and weight[i] and lg.has_weight[i])
         bias_only = bool(own[i] and not weight_grad)
         passes = int(input_grad) + int(weight_grad)
+        if weight_kernel[i]:
+            bwd_in[i], bwd_w[i], bwd_bias[i] = (
+                float(input_grad),
+                float(weight_grad),
+                float(bias_only),
+            )
+        else:  # norms, activations, ...: one backward kernel makes every gradient
+            bwd_in[i] = 1.0
         bd += d * passes
         bg += gflops * passes
         bb += a * (passes + int(bias_only))
@@ -302,6 +348,11 @@ def latency_plan(
         half_ops=half_ops,
         trainable_params=int(sum(train_numel)),
         trainable_tensors=tensors,
+        fwd_runs=np.asarray(fwd_runs),
+        bwd_input=np.asarray(bwd_in),
+        bwd_weight=np.asarray(bwd_w),
+        bwd_bias=np.asarray(bwd_bias),
+        graph=lg,
     )
 
 
@@ -437,14 +488,30 @@ def fit_latency_constants(
     (``θ = exp(φ)``); columns are scaled to unit median first, and a column no label
     exercises gets the constant 0.
     """
-    from scipy.optimize import least_squares, nnls
-
     x = np.asarray(terms, dtype=np.float64)
     y = np.asarray(latency_s, dtype=np.float64)
     if x.ndim != 2 or x.shape[1] != len(LATENCY_TERMS) or x.shape[0] != y.size:
         raise LatencyError(
             f"need a [labels, {len(LATENCY_TERMS)}] term matrix and one latency per row"
         )
+    theta, pred, y = _fit_positive(x, y)
+    ape = np.abs(pred / y - 1.0) * 100.0
+    model = LatencyModel(
+        constants=theta.tolist(),
+        device=device,
+        n_labels=int(y.size),
+        fit_median_ape=float(np.median(ape)),
+    )
+    log.info("latency fitted on %d labels: median APE %.1f %%", y.size, model.fit_median_ape)
+    return model
+
+
+def _fit_positive(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Non-negative ``θ`` minimising the squared error of ``log(x @ θ)`` against ``log y``
+    (rows with a non-finite or non-positive label dropped); returns ``θ``, the fitted
+    values and the labels kept."""
+    from scipy.optimize import least_squares, nnls
+
     ok = np.isfinite(y) & (y > 0) & np.all(np.isfinite(x), axis=1)
     x, y = x[ok], y[ok]
     if y.size < 3:
@@ -469,13 +536,171 @@ def fit_latency_constants(
     theta_s = np.exp(res.x)
     theta = np.zeros(x.shape[1])
     theta[used] = theta_s / scale[used]
-    pred = x @ theta
+    return theta, x @ theta, y
+
+
+# -- the kernel-level model ---------------------------------------------------------------
+
+#: what the kernel-level model sums per step, each scaled by one fitted constant: kernel
+#: seconds forward and backward per precision (× micro-batches), the optimizer's measured
+#: seconds, kernel calls (framework overhead the isolated timings miss or double), and a
+#: fixed cost per micro-batch and per step (Python, the loss, autograd set-up)
+KERNEL_TERMS: tuple[str, ...] = (
+    "kernel_fwd_fp32",
+    "kernel_bwd_fp32",
+    "kernel_fwd_half",
+    "kernel_bwd_half",
+    "optimizer",
+    "kernel_calls",
+    "micro_batches",
+    "steps",
+)
+
+
+def _kernel_sums(
+    plan: LatencyPlan, config: MConfig, kernels: KernelModel
+) -> tuple[float, float, float]:
+    """Forward seconds, backward seconds and kernel calls of one micro-batch of ``plan`` at
+    ``config``'s micro-batch size and precision (memoised on the plan)."""
+    if plan.graph is None or plan.graph.kernels is None or plan.fwd_runs is None:
+        raise LatencyError("this latency plan carries no kernel list (built by an old aiop?)")
+    key = (kernels.token, int(config.mb), "bf16" if config.prec in HALF_PRECISIONS else "fp32")
+    sums = plan.memo.get(key)
+    if sums is None:
+        masks = plan.memo.get((-1, 0, "masks"))
+        if masks is None:  # [4, nodes]: forward runs and the three backward masks, once
+            masks = plan.memo[(-1, 0, "masks")] = (
+                np.stack([plan.fwd_runs, plan.bwd_input, plan.bwd_weight, plan.bwd_bias]),
+            )
+        m = masks[0]
+        times = kernels.node_times_matrix(plan.graph.kernels, config.mb, config.prec)
+        per = np.einsum("kn,kn->k", times, m)
+        sums = plan.memo[key] = (float(per[0]), float(per[1:].sum()), float(m.sum()))
+    return sums
+
+
+def kernel_parts_split(
+    plan: LatencyPlan, config: MConfig, kernels: KernelModel
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`kernel_parts` as ``(per micro-batch, per step)`` rows: a step's row is
+    ``accum_steps × first + second`` (so configs that differ only in their number of
+    micro-batches share one evaluation)."""
+    f, b, calls = _kernel_sums(plan, config, kernels)
+    half = config.prec in HALF_PRECISIONS
+    per_mb = np.zeros(len(KERNEL_TERMS))
+    per_step = np.zeros(len(KERNEL_TERMS))
+    per_mb[2 if half else 0] = f
+    per_mb[3 if half else 1] = b
+    per_mb[5] = calls
+    per_mb[6] = 1.0
+    per_step[4] = kernels.optimizer_s(config.opt, plan.trainable_tensors, plan.trainable_params)
+    per_step[7] = 1.0
+    return per_mb, per_step
+
+
+def kernel_parts(plan: LatencyPlan, config: MConfig, kernels: KernelModel) -> np.ndarray:
+    """The :data:`KERNEL_TERMS` row of one step of ``config``: Σ over the plan's nodes of
+    predicted kernel seconds × runs, × micro-batches (sums memoised on the plan per
+    micro-batch size and precision), and the optimizer's seconds."""
+    per_mb, per_step = kernel_parts_split(plan, config, kernels)
+    return config.accum_steps * per_mb + per_step
+
+
+@dataclass
+class KernelLatencyModel:
+    """Step latency as the sum of the device's kernel times (:class:`KernelModel`, fitted on
+    microbenchmarks) under a few constants fitted on step labels (:data:`KERNEL_TERMS`)."""
+
+    kernels: KernelModel
+    constants: list[float]
+    terms: list[str] = field(default_factory=lambda: list(KERNEL_TERMS))
+    device: str = "cpu, 1 thread"
+    n_labels: int = 0
+    fit_median_ape: float = math.nan
+
+    def __post_init__(self) -> None:
+        if list(self.terms) != list(KERNEL_TERMS):
+            raise LatencyError(
+                f"kernel latency constants are for {self.terms}, this aiop computes "
+                f"{list(KERNEL_TERMS)}: refit them"
+            )
+        if len(self.constants) != len(KERNEL_TERMS) or not all(
+            math.isfinite(c) and c >= 0 for c in self.constants
+        ):
+            raise LatencyError("latency constants must be one non-negative number per term")
+
+    def row(self, plan: LatencyPlan, config: MConfig) -> np.ndarray:
+        return kernel_parts(plan, config, self.kernels)
+
+    def coefficients(self, plan: LatencyPlan, config: MConfig) -> tuple[float, float]:
+        """Seconds per micro-batch and per step of ``config``'s structure, micro-batch size,
+        precision and optimizer: its step takes ``accum_steps × first + second``."""
+        f, b, calls = _kernel_sums(plan, config, self.kernels)
+        th = self.constants
+        half = config.prec in HALF_PRECISIONS
+        per_mb = th[2 if half else 0] * f + th[3 if half else 1] * b + th[5] * calls + th[6]
+        opt = self.kernels.optimizer_s(config.opt, plan.trainable_tensors, plan.trainable_params)
+        return per_mb, th[4] * opt + th[7]
+
+    def predict(self, rows: np.ndarray) -> np.ndarray:
+        """Seconds per step for rows of :func:`kernel_parts`."""
+        return np.atleast_2d(rows) @ np.asarray(self.constants, dtype=np.float64)
+
+    def describe(self) -> dict[str, float]:
+        return {f"scale_{t}": float(v) for t, v in zip(self.terms, self.constants)}
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "kind": "kernels",
+            "kernels": self.kernels.to_dict(),
+            "constants": list(self.constants),
+            "terms": list(self.terms),
+            "device": self.device,
+            "n_labels": self.n_labels,
+            "fit_median_ape": self.fit_median_ape,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> KernelLatencyModel:
+        try:
+            return cls(
+                kernels=KernelModel.from_dict(d["kernels"]),  # type: ignore[arg-type]
+                constants=[float(v) for v in d["constants"]],  # type: ignore[union-attr]
+                terms=[str(t) for t in d["terms"]],  # type: ignore[union-attr]
+                device=str(d.get("device", "")),
+                n_labels=int(d.get("n_labels", 0)),  # type: ignore[call-overload]
+                fit_median_ape=float(d.get("fit_median_ape", math.nan)),  # type: ignore[arg-type]
+            )
+        except KernelModelError as exc:
+            raise LatencyError(str(exc)) from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LatencyError(f"malformed kernel latency model ({exc})") from None
+
+
+def fit_kernel_latency(
+    rows: np.ndarray, latency_s: np.ndarray, kernels: KernelModel
+) -> KernelLatencyModel:
+    """Fit the :data:`KERNEL_TERMS` constants (non-negative, log-latency least squares) on
+    :func:`kernel_parts` rows of training labels."""
+    x = np.asarray(rows, dtype=np.float64)
+    y = np.asarray(latency_s, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] != len(KERNEL_TERMS) or x.shape[0] != y.size:
+        raise LatencyError(f"need a [labels, {len(KERNEL_TERMS)}] matrix and one latency per row")
+    theta, pred, y = _fit_positive(x, y)
     ape = np.abs(pred / y - 1.0) * 100.0
-    model = LatencyModel(
+    model = KernelLatencyModel(
+        kernels=kernels,
         constants=theta.tolist(),
-        device=device,
+        device=kernels.device,
         n_labels=int(y.size),
         fit_median_ape=float(np.median(ape)),
     )
-    log.info("latency fitted on %d labels: median APE %.1f %%", y.size, model.fit_median_ape)
+    log.info("kernel latency fitted on %d labels: median APE %.1f %%", y.size, model.fit_median_ape)
     return model
+
+
+def latency_model_from_dict(d: dict[str, object]) -> LatencyModel | KernelLatencyModel:
+    """Either latency model from its :meth:`to_dict` form (``kind``: ``kernels`` or none)."""
+    if d.get("kind") == "kernels":
+        return KernelLatencyModel.from_dict(d)
+    return LatencyModel.from_dict(d)
