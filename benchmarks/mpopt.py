@@ -4,7 +4,7 @@
         [--models zoo:mobilenet_v2 zoo:resnet18 zoo:proxylessnas_mobile] [--budgets 30]
         [--timing-candidates 48] [--accuracy-models zoo:mobilenet_v2 zoo:resnet18]
         [--streams digits-c-short digits-c] [--accuracy-budgets ...] [--budget-unit mb|full]
-        [--steps-per-domain 8]
+        [--steps-per-domain 8] [--seeds 0 1 2] [--out benchmarks/results/mpopt.json]
 
 Four parts, each written to ``benchmarks/results/mpopt.json`` and ``.md``
 with the command that produced it (a part that is not run keeps its earlier
@@ -36,6 +36,11 @@ result and command):
   stream in ``--streams``; budgets are MB, or with ``--budget-unit full``
   fractions of the model's measured full fine-tuning peak (so one list fits
   models of different sizes). Finished runs in ``--workdir`` are reused.
+  With several ``--seeds`` (each draws the stream's splits, corruption noise and
+  batch order, and the pretrained model) every column is a mean ± standard
+  deviation over seeds and MPOptimizer's differences are paired per seed
+  (:func:`aggregate_seeds`): one test image of 600 is 0.17 points, so one seed
+  cannot tell a method from noise.
 """
 
 from __future__ import annotations
@@ -268,13 +273,17 @@ def part_accuracy(
     axes: dict[str, list],
     budget_unit: str = "mb",
     drift: str = "both",
+    seed: int = 0,
+    selection: str = "evidence",
 ) -> dict:
     from tqdm import tqdm
 
     grid = accuracy_grid(BATCH, axes["methods"], axes["freezes"], axes["micro_batches"])
-    workdir = workdir / f"{spec.replace(':', '_')}-{stream}"  # one folder per model × stream
+    # one folder per model × stream (× seed: seed 0 keeps the layout of earlier results)
+    workdir = workdir / (f"{spec.replace(':', '_')}-{stream}" + (f"-s{seed}" if seed else ""))
+    # the seed draws the stream (splits, corruption noise, batch order) and the pretrained model
     base_kw = dict(stream=stream, steps_per_domain=steps, batch_size=BATCH, resolution=RES,
-                   eval_size=200, probe_size=100)  # fmt: skip
+                   eval_size=200, probe_size=100, seed=seed)  # fmt: skip
     # measured peaks of every setting and its checkpoint variants (meta mode)
     peaks: dict[MConfig, int] = {}
     for c in tqdm(grid, desc="peaks", leave=False):
@@ -338,7 +347,8 @@ def part_accuracy(
             row["profiling_planner"] = None
         try:
             rep = run_stream(spec, base_kw, loop_space, workdir / f"mpopt-{budget:g}", predictor,
-                             budget_mb=budget, top_k=3, probe_steps=2, drift=drift)  # fmt: skip
+                             budget_mb=budget, top_k=3, probe_steps=2, drift=drift,
+                             selection=selection)  # fmt: skip
             row["mpopt"] = rep["mean_accuracy_after"]
             row["mpopt_configs"] = rep["configs_chosen"]
             row["mpopt_violations"] = rep["budget_violations"]
@@ -361,8 +371,86 @@ def part_accuracy(
         rows.append(row)
         log.info("budget %s: %s", budget, row)
     return {"model": spec, "stream": stream, "steps_per_domain": steps, "grid": len(grid),
-            "drift": drift,
+            "drift": drift, "seed": seed, "selection": selection,
             "full_finetune_peak_bytes": full_peak, "fixed": fixed, "rows": rows}  # fmt: skip
+
+
+_BASELINES = ("fixed_full", "fixed_tinytl_b", "fixed_tinytl_lb")
+_ACCURACY_COLUMNS = (*_BASELINES, "profiling_planner", "oracle", "mpopt")
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, sd
+
+
+def aggregate_seeds(runs: list[dict]) -> dict:
+    """One model × stream over several seeds: each column's mean and standard deviation.
+
+    "Best fixed" is the baseline with the best *mean* (the one setting a user would
+    pick), and MPOptimizer's difference to it is paired per seed (same stream, same
+    pretrained model), so its standard deviation is that of the paired differences.
+    "Oracle" stays the per-seed best setting that fits (averaged: a bar no method
+    can know in advance); ``oracle_setting`` is the single setting with the best mean.
+    """
+    first = runs[0]
+    rows = []
+    for i, r0 in enumerate(first["rows"]):
+        per = [run["rows"][i] for run in runs]
+        row: dict[str, Any] = {k: r0[k] for k in ("budget_mb", "budget_fraction_of_full")
+                               if k in r0}  # fmt: skip
+        for col in _ACCURACY_COLUMNS:
+            vals = [r.get(col) for r in per]
+            if any(v is None for v in vals):
+                row[col], row[f"{col}_std"] = None, None
+            else:
+                row[col], row[f"{col}_std"] = _mean_std(vals)
+        fixed = [(row[k], k) for k in _BASELINES if row[k] is not None]
+        best = max(fixed) if fixed else None
+        row["best_fixed"] = best[0] if best else None
+        row["best_fixed_name"] = best[1] if best else None
+        # the single setting with the best mean over seeds among those that fit every seed
+        fits = [
+            {k for k, v in run["fixed"].items() if v["min_peak_bytes"] <= r0["budget_mb"] * MB}
+            for run in runs
+        ]
+        common = set.intersection(*fits) if fits else set()
+        means = {k: _mean_std([run["fixed"][k]["accuracy"] for run in runs]) for k in common}
+        if means:
+            k_best = max(means, key=lambda k: means[k][0])
+            row["oracle_setting"], row["oracle_setting_config"] = means[k_best][0], k_best
+        else:
+            row["oracle_setting"], row["oracle_setting_config"] = None, None
+        if row["mpopt"] is not None:
+            if best is not None:
+                diffs = [r["mpopt"] - r[best[1]] for r in per]
+                row["mpopt_minus_best_fixed"], row["mpopt_minus_best_fixed_std"] = _mean_std(diffs)
+            else:
+                row["mpopt_minus_best_fixed"] = None
+            diffs = [r["mpopt"] - r["oracle"] for r in per]
+            row["mpopt_minus_oracle"], row["mpopt_minus_oracle_std"] = _mean_std(diffs)
+            if row["oracle_setting"] is not None:
+                key = row["oracle_setting_config"]
+                diffs = [r["mpopt"] - run["fixed"][key]["accuracy"] for r, run in zip(per, runs)]
+                row["mpopt_minus_oracle_setting"] = _mean_std(diffs)[0]
+        row["mpopt_violations"] = sum(r.get("mpopt_violations") or 0 for r in per)
+        row["mpopt_configs"] = sorted({c for r in per for c in r.get("mpopt_configs") or []})
+        row["per_seed"] = {col: [r.get(col) for r in per] for col in _ACCURACY_COLUMNS}
+        rows.append(row)
+    return {
+        "model": first["model"],
+        "stream": first["stream"],
+        "steps_per_domain": first["steps_per_domain"],
+        "grid": first["grid"],
+        "drift": first.get("drift"),
+        "selection": first.get("selection"),
+        "seeds": [run.get("seed", 0) for run in runs],
+        "full_finetune_peak_bytes": first.get("full_finetune_peak_bytes"),
+        "rows": rows,
+        "per_seed_runs": runs,
+    }
 
 
 # -- part 4: step time per precision on this CPU (the cpu device's factors) -------------------
@@ -461,24 +549,38 @@ def markdown(result: dict) -> str:
     a = result.get("accuracy")
     if a:
         runs = a.get("runs") or [a]  # one run: the layout before several models and streams
-        lines += ["## Accuracy: mean test accuracy over the stream's domains after adapting", "",
-                  *_command_line(a, unknown)]  # fmt: skip
-        if a.get("seconds"):
-            lines += [f"All runs: {a['seconds'] / 60:.1f} min wall.", ""]
+        lines += ["## Accuracy: mean test accuracy over the stream's domains after adapting", ""]
+        if a.get("command"):  # the layout where one command ran every pair
+            lines += _command_line(a, unknown)
+            if a.get("seconds"):
+                lines += [f"All runs: {a['seconds'] / 60:.1f} min wall.", ""]
         for run in runs:
+            if run.get("command"):
+                lines += _command_line(run, unknown)
+                if run.get("seconds"):
+                    lines += [f"Wall time of that command up to this table: "
+                              f"{run['seconds'] / 60:.1f} min (core 1 shared).", ""]  # fmt: skip
             lines += accuracy_table(run)
-        return "\n".join(lines)
+    return "\n".join(lines)
 
 
 def accuracy_table(a: dict) -> list[str]:
     """One model on one stream: the baselines and MPOptimizer under each budget."""
 
-    def f(x: Any) -> str:
-        return "—" if x is None else f"{x:.3f}"
+    def f(x: Any, sd: Any = None) -> str:
+        if x is None:
+            return "—"
+        return f"{x:.3f}" if sd is None else f"{x:.3f} ± {sd:.3f}"
+
+    def g(r: dict, key: str) -> str:
+        return f(r.get(key), r.get(f"{key}_std"))
 
     full = a.get("full_finetune_peak_bytes")
     head = f"### {a['model']} on {a['stream']} ({a['steps_per_domain']} steps per domain"
+    seeds = a.get("seeds")
+    head += f"; mean ± std over seeds {', '.join(map(str, seeds))}" if seeds else ""
     head += f"; re-planning on drift: {a['drift']}" if a.get("drift") else ""
+    head += f"; choice among probes: {a['selection']}" if a.get("selection") else ""
     head += f"; full fine-tuning peak {full / MB:.1f} MB)" if full else ")"
     lines = [head, "",
              "| budget MB | full | TinyTL-B | TinyTL-L+B | profiling planner | oracle | "
@@ -489,13 +591,19 @@ def accuracy_table(a: dict) -> list[str]:
         budget = f"{r['budget_mb']:g}" + (f" ({frac:.2f}×)" if frac else "")
         configs = sorted({_short_spec(c) for c in r.get("mpopt_configs") or []})
         lines.append(
-            f"| {budget} | {f(r['fixed_full'])} | {f(r['fixed_tinytl_b'])} | "
-            f"{f(r['fixed_tinytl_lb'])} | {f(r['profiling_planner'])} | {f(r['oracle'])} | "
-            f"{f(r['mpopt'])} | {f(r.get('mpopt_minus_best_fixed'))} | "
-            f"{f(r.get('mpopt_minus_oracle'))} | {r.get('mpopt_violations', '—')} | "
+            f"| {budget} | {g(r, 'fixed_full')} | {g(r, 'fixed_tinytl_b')} | "
+            f"{g(r, 'fixed_tinytl_lb')} | {g(r, 'profiling_planner')} | {g(r, 'oracle')} | "
+            f"{g(r, 'mpopt')} | {g(r, 'mpopt_minus_best_fixed')} | "
+            f"{g(r, 'mpopt_minus_oracle')} | {r.get('mpopt_violations', '—')} | "
             f"{'; '.join(configs) or r.get('mpopt_error', '—')} |"
         )
     lines.append("")
+    if seeds:
+        lines += ["Oracle: the best setting per seed, averaged. Best single setting on average "
+                  "(MPOptimizer − it): " + "; ".join(
+                      f"{r['budget_mb']:g} MB: {_short_spec(r['oracle_setting_config'])} "
+                      f"{f(r['oracle_setting'])} ({f(r.get('mpopt_minus_oracle_setting'))})"
+                      for r in a["rows"] if r.get("oracle_setting_config")) + ".", ""]  # fmt: skip
     return lines
 
 
@@ -558,14 +666,31 @@ def main() -> None:
         default="both",
         help="what makes MPOptimizer re-plan on a domain change (aiop retrain --drift)",
     )
+    parser.add_argument(
+        "--selection",
+        choices=["evidence", "prior"],
+        default="evidence",
+        help="how MPOptimizer picks among its probes (aiop retrain --selection)",
+    )
     parser.add_argument("--predictor", default=None)
     parser.add_argument("--workdir", default="out/mpopt-bench")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--out", default=str(OUT), help="result JSON (the Markdown goes beside it, same stem)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random budgets")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="accuracy: stream and pretraining seeds; several give mean ± std per column",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     predictor = load_predictor(args.predictor)
-    result = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.is_file() else {}
     # the command of the layout before per-part commands belonged to its violations part
     legacy = result.pop("command", None)
     if legacy and isinstance(result.get("violations"), dict):
@@ -573,15 +698,18 @@ def main() -> None:
     command = "python benchmarks/mpopt.py " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
         for k, v in vars(args).items()
-        if v is not None
+        if v is not None and k != "out"
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
-        tmp = OUT.with_suffix(".json.tmp")
+        tmp = out.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(result, indent=2, default=str))
-        tmp.replace(OUT)
-        (RESULTS / "mpopt.md").write_text(markdown(result))
+        tmp.replace(out)
+        md = out.with_suffix(".md")
+        md_tmp = md.with_suffix(".md.tmp")
+        md_tmp.write_text(markdown(result))
+        md_tmp.replace(md)
 
     if "violations" in args.parts:
         t0 = time.perf_counter()
@@ -601,32 +729,44 @@ def main() -> None:
         save()
     if "accuracy" in args.parts:
         t0 = time.perf_counter()
-        runs: list[dict] = []
-        result["accuracy"] = {"command": command, "runs": runs}
+        # model × stream pairs not run now keep their earlier result, each with its command
+        earlier = result.get("accuracy") or {}
+        runs: list[dict] = [
+            {**r, "command": r.get("command") or earlier.get("command")}
+            for r in earlier.get("runs") or []
+        ]
+        result["accuracy"] = {"runs": runs}
         pairs = [(m, st) for m in args.accuracy_models for st in args.streams]
         if args.pairs:
             pairs = [tuple(x.split("@", 1)) for x in args.pairs]
             if any(len(x) != 2 or not all(x) for x in pairs):
                 raise SystemExit("--pairs takes MODEL@STREAM, e.g. zoo:resnet18@digits-c-short")
         for spec, stream in pairs:
-            runs.append(
-                part_accuracy(
-                    spec,
-                    list(args.accuracy_budgets),
-                    stream,
-                    args.steps_per_domain,
-                    predictor,
-                    Path(args.workdir),
-                    {
-                        "methods": args.accuracy_methods,
-                        "freezes": args.accuracy_freezes,
-                        "micro_batches": args.accuracy_micro_batches,
-                    },
-                    args.budget_unit,
-                    args.drift,
+            per_seed = []
+            for seed in args.seeds:
+                per_seed.append(
+                    part_accuracy(
+                        spec,
+                        list(args.accuracy_budgets),
+                        stream,
+                        args.steps_per_domain,
+                        predictor,
+                        Path(args.workdir),
+                        {
+                            "methods": args.accuracy_methods,
+                            "freezes": args.accuracy_freezes,
+                            "micro_batches": args.accuracy_micro_batches,
+                        },
+                        args.budget_unit,
+                        args.drift,
+                        seed,
+                        args.selection,
+                    )
                 )
-            )
-            result["accuracy"]["seconds"] = round(time.perf_counter() - t0, 1)
+            run = per_seed[0] if len(per_seed) == 1 else aggregate_seeds(per_seed)
+            run["command"] = command
+            run["seconds"] = round(time.perf_counter() - t0, 1)  # since this command started
+            runs[:] = [r for r in runs if (r["model"], r["stream"]) != (spec, stream)] + [run]
             save()  # each finished model × stream is kept
     print(markdown(result))
 

@@ -242,6 +242,13 @@ def register(sub: Any, model_help: str) -> None:
         "detected in the incoming batches' statistics without labels (detect), or both",
     )
     p.add_argument(
+        "--selection",
+        choices=["evidence", "prior"],
+        default="evidence",
+        help="how a probed challenger replaces the planner's choice: paired per-image probe "
+        "evidence pooled across re-plans (evidence), or a gain of two probe images (prior)",
+    )
+    p.add_argument(
         "--no-probe-beyond-margin",
         action="store_true",
         help="never probe a candidate that only the safety margin rules out (see README)",
