@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "-kernel_model",
         default=None,
-        help="kernel model JSON (default: data/kernel_bench/cpu_1thread.model.json)",
+        help="kernel model JSON (default: package data aiop/data/kernel_model_cpu_1thread.json)",
     )
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)

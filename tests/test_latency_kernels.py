@@ -13,6 +13,7 @@ from aiop.mconfig import MConfig
 from aiop.models.examples import TinyResNet
 from aiop.predictor.analytic import PlanCache
 from aiop.predictor.kernels import (
+    FEATURES_VERSION,
     KIND_LIST,
     KernelModel,
     KernelModelError,
@@ -239,7 +240,10 @@ def test_kernel_model_fit_save_load(kernels, resnet, tmp_path):
     with pytest.raises(KernelModelError, match="unreadable"):
         KernelModel.load(tmp_path / "bad.json")
     with pytest.raises(KernelModelError, match="malformed"):
-        KernelModel.from_dict({"regressors": 3})
+        KernelModel.from_dict({"regressors": 3, "features_version": FEATURES_VERSION})
+    # a model fitted on other features (an older aiop) is refused, not mispredicted
+    with pytest.raises(KernelModelError, match="features version 1"):
+        KernelModel.from_dict({**kernels.to_dict(), "features_version": 1})
 
 
 def test_step_constants_fit_and_round_trip(kernels, resnet):
@@ -345,3 +349,77 @@ def test_memos_do_not_leak_between_kernel_models(kernels, resnet):
     f = K["kernel_fwd_fp32"]
     assert b[f] == pytest.approx(2 * a[f], rel=1e-9)
     assert kernel_parts(plan, c, kernels)[f] == a[f]
+
+
+def test_ensemble_is_the_mean_of_its_members_in_log_seconds():
+    rng = np.random.default_rng(2)
+    x = rng.uniform(0, 5, size=(80, 3))
+    t = 1e-5 * np.exp(0.5 * x[:, 0] + 0.2 * np.cos(x[:, 2]))
+    raw = KernelRegressor.inputs(x, True, "bin")
+    ens = KernelRegressor.fit(raw, t, hidden=8, steps=150, members=3)
+    assert len(ens.weights) == 3 and ens.to_dict()["weights"] != []
+    # each member alone (its own seed) is what the batched training made of it
+    alone = [KernelRegressor.fit(raw, t, hidden=8, steps=150, seed=s) for s in range(3)]
+    mean = np.mean([a.predict_log(raw) for a in alone], axis=0)
+    assert np.allclose(ens.predict_log(raw), mean, atol=1e-3)
+    parts = [
+        KernelRegressor(
+            *(ens.to_dict()[k] for k in ("mean", "std", "lo", "hi")), [w], [b], ens.y_mean
+        )
+        for w, b in zip(ens.weights, ens.biases)
+    ]
+    assert np.allclose(
+        ens.predict_log(raw), np.mean([p.predict_log(raw) for p in parts], axis=0), rtol=1e-12
+    )
+    with pytest.raises(KernelModelError, match="at least one"):
+        KernelRegressor.fit(raw, t, members=0)
+
+
+def test_prefetch_gives_the_per_micro_batch_times(kernels, resnet):
+    _, cache = resnet
+    nk = cache.latency_plan(MConfig.parse("bs=16")).graph.kernels
+    fresh = KernelModel.from_dict(kernels.to_dict())  # its own memo token
+    fresh.prefetch(nk, [2, 5, 16], "bf16")
+    for mb in (2, 5, 16):
+        got = fresh.node_times(nk, mb, "bf16")
+        nk_alone = cache.latency_plan(MConfig.parse("bs=16")).graph.kernels
+        ref = KernelModel.from_dict(kernels.to_dict()).node_times(nk_alone, mb, "bf16")
+        assert all(np.allclose(a, b, rtol=1e-12) for a, b in zip(got, ref))
+    assert {k[1] for k in nk.memo if k[0] == fresh.token} == {2, 5, 16}
+
+
+def test_conv_features_see_the_algorithm_switches():
+    cols = {
+        c: np.array([v, v])
+        for c, v in (("cin", 512), ("cout", 512), ("k", 1), ("stride", 1), ("groups", 1))
+    }
+    cols.update({c: np.array([2.0, 2.0]) for c in ("h", "w", "ho", "wo")})
+    cols["rows"] = np.ones(2)
+    x = features("conv", np.array([8.0, 16.0]), cols)
+    assert x.shape[1] == 15
+    assert x[0, -1] == 0.0 and x[1, -1] == 1.0  # micro-batch ≥ 16 flag
+    assert x[0, 11] == 1.0  # 1×1 flag
+    odd = features("conv", 8.0, {**cols, "cin": np.array([13.0, 13.0])})
+    assert odd[0, 12] == pytest.approx(16 / 13)  # the 8-block padding fraction
+
+
+def test_default_kernel_model_is_package_data():
+    from aiop.predictor.kernels import DEFAULT_KERNEL_MODEL
+
+    assert DEFAULT_KERNEL_MODEL.parent.name == "data"
+    assert DEFAULT_KERNEL_MODEL.parent.parent.name == "aiop"
+    model = KernelModel.load()  # the shipped one loads with this aiop's features
+    assert {"conv", "dwconv", "gconv", "bn"} <= set(model.regressors)
+    assert len(model.regressors["conv"].weights) == 3  # an ensemble of 3 networks
+
+
+def test_design_extensions_keep_the_measured_points(monkeypatch):
+    # a file measured on the first design resumes by measuring only the extra points
+    full = microbench.design(seed=3, scale=0.05)
+    extra = microbench._extra_fp32(3, 0.05)
+    monkeypatch.setattr(microbench, "_extra_fp32", lambda seed, scale: [])
+    first = microbench.design(seed=3, scale=0.05)
+    assert full == first + extra and extra
+    assert {p.kind for p in extra} == {"conv", "dwconv", "gconv", "bn"}
+    low_res = [p for p in extra if p.dtype == "bf16"]
+    assert low_res and all(p.kind == "conv" and p.h <= 8 and p.k in (1, 3) for p in low_res)

@@ -5,11 +5,12 @@ the kernel kind of :mod:`aiop.profiler.microbench` that PyTorch runs for it (den
 depthwise / grouped convolution, linear, BatchNorm, each activation, residual add,
 broadcast multiply, pooling, views) with its per-sample shape descriptors (channels,
 kernel, stride, groups, spatial size, rows). :class:`KernelModel` holds one
-:class:`KernelRegressor` per kind — a small MLP of log seconds on standardised log shape
-features (log FLOPs or elements first), a bf16 flag and the phase, fitted on the device's
-microbenchmark records (``python -m aiop.predictor.kernels`` writes it as JSON next to
-them) — and gives, for a graph, a micro-batch size and a precision, every node's
-forward, input-gradient and weight-gradient seconds (:meth:`KernelModel.node_times`).
+:class:`KernelRegressor` per kind — an ensemble of 3 small MLPs of log seconds on
+standardised log shape features (log FLOPs or elements first), a bf16 flag and the
+phase, fitted on the device's microbenchmark records (``python -m aiop.predictor.kernels``
+writes it as JSON into the package data, ``aiop/data/kernel_model_cpu_1thread.json``) —
+and gives, for a graph, a micro-batch size and a precision, every node's forward,
+input-gradient and weight-gradient seconds (:meth:`KernelModel.node_times`).
 Outside the measured box the network is evaluated at the nearest point of the box and
 the time scaled with the excess work (time ∝ FLOPs or elements: the large-size regime),
 so it never bends away where it has no data. Held-out error per kernel:
@@ -49,14 +50,24 @@ log = logging.getLogger(__name__)
 #: kernel kinds a node can map to (index = code in :class:`NodeKernels`; -1: no kernel)
 KIND_LIST: tuple[str, ...] = tuple(k for k in KINDS if k not in OPT_KINDS)
 _CODE = {k: i for i, k in enumerate(KIND_LIST)}
+_WEIGHTED = frozenset(_CODE[k] for k in (*CONV_KINDS, "linear"))
 PHASES = ("fwd", "bin", "bw")
 #: the repository's microbenchmark file of this CPU (one thread)
 DEFAULT_KERNEL_BENCH = (
     Path(__file__).resolve().parents[2] / "data" / "kernel_bench" / "cpu_1thread.jsonl"
 )
-#: the kernel model fitted on it (what predictors fit their latency on)
-DEFAULT_KERNEL_MODEL = DEFAULT_KERNEL_BENCH.with_name("cpu_1thread.model.json")
+#: the kernel model fitted on it (what predictors fit their latency on); package data, so
+#: fitting a predictor works from an installed wheel too
+DEFAULT_KERNEL_MODEL = (
+    Path(__file__).resolve().parents[1] / "data" / "kernel_model_cpu_1thread.json"
+)
 _HIDDEN = 32
+#: wider networks for the kinds whose time varies most with shape
+_HIDDEN_BY_KIND = {"conv": 64, "gconv": 64}
+#: networks per regressor (seeds 0..n-1, trained at once), averaged in log seconds
+_MEMBERS = 3
+#: what :func:`features` computes; a saved model of another version is refused
+FEATURES_VERSION = 3
 _TOKENS = itertools.count()
 _STEPS = 2000
 
@@ -216,12 +227,26 @@ def _log(x: np.ndarray) -> np.ndarray:
 
 def features(kind: str, mb: np.ndarray | float, c: dict[str, np.ndarray]) -> np.ndarray:
     """``[n, F]`` log shape features of ``kind`` kernels at micro-batch ``mb`` (column 0:
-    the work, log FLOPs or log elements). ``c``: the :class:`NodeKernels` columns."""
+    the work, log FLOPs or log elements). ``c``: the :class:`NodeKernels` columns.
+    Convolutions add the im2col GEMM's sizes, the stride, a 1×1 flag, the channel
+    padding of 8-blocks and a micro-batch ≥ 16 flag (columns stored as logs: flags and
+    fractions as ``exp``)."""
     mb = np.broadcast_to(np.asarray(mb, dtype=np.float64), c["cin"].shape)
     cin, cout, g = c["cin"], c["cout"], c["groups"]
     if kind in CONV_KINDS:
-        flops = 2.0 * mb * cout * c["ho"] * c["wo"] * (cin / g) * c["k"] ** 2
-        cols = [flops, mb, cin / g, cout, c["k"], c["ho"] * c["wo"], c["h"] * c["w"], g]
+        cg, k2, hw_out = cin / g, c["k"] ** 2, c["ho"] * c["wo"]
+        flops = 2.0 * mb * cout * hw_out * cg * k2
+        # oneDNN picks its algorithm and blocking by shape: the im2col GEMM's sizes
+        # (M = mb·Ho·Wo, K = Cin/g·k², N = Cout/g), 1×1 or not, the stride, and how much of
+        # the last 8-channel block (AVX2 fp32) is padding
+        pad_in = np.ceil(cg / 8.0) * 8.0 / cg
+        pad_out = np.ceil(cout / g / 8.0) * 8.0 / (cout / g)
+        cols = [flops, mb, cg, cout, c["k"], hw_out, c["h"] * c["w"], g]
+        cols += [cg * k2, mb * hw_out, c["stride"], np.where(c["k"] == 1, math.e, 1.0)]
+        cols += [np.exp(pad_in), np.exp(pad_out)]
+        # oneDNN blocks the micro-batch by 16: below it, small-spatial 1×1 convolutions
+        # take a slower algorithm
+        cols += [np.where(mb >= 16, math.e, 1.0)]
     elif kind == "linear":
         flops = 2.0 * mb * c["rows"] * cin * cout
         cols = [flops, mb * c["rows"], cin, cout]
@@ -233,21 +258,27 @@ def features(kind: str, mb: np.ndarray | float, c: dict[str, np.ndarray]) -> np.
     return np.stack([_log(v) for v in cols], axis=1)
 
 
+def _sig(v: float) -> float:
+    """``v`` to 7 significant digits: float32's precision, half the JSON of a double."""
+    return float(f"{v:.7g}")
+
+
 @dataclass
 class KernelRegressor:
-    """A small MLP (2 × ``hidden`` SiLU) of log seconds for one kernel kind.
+    """An ensemble of small MLPs (2 × ``hidden`` SiLU each) of log seconds for one kernel kind.
 
     Inputs: the kind's standardised log shape features (:func:`features`), a bf16 flag and
     the phase (one-hot over :data:`PHASES`); one network per kind shares what the shape
-    does to every phase and precision. Outside the measured box the inputs are clipped
-    to it and the excess log work added (time ∝ work)."""
+    does to every phase and precision. The members (different seeds) are averaged in log
+    seconds. Outside the measured box the inputs are clipped to it and the excess log work
+    added (time ∝ work)."""
 
     mean: list[float]
     std: list[float]
     lo: list[float]
     hi: list[float]
-    weights: list[list[list[float]]]  # [W1, W2, W3] as [out][in] lists
-    biases: list[list[float]]
+    weights: list[list[list[list[float]]]]  # per member: [W1, W2, W3] as [out][in] lists
+    biases: list[list[list[float]]]  # per member: [b1, b2, b3]
     y_mean: float = 0.0
     n: int = 0
 
@@ -268,70 +299,106 @@ class KernelRegressor:
         hidden: int = _HIDDEN,
         steps: int = _STEPS,
         seed: int = 0,
+        members: int = 1,
     ) -> KernelRegressor:
-        """Fit on rows of :meth:`inputs` (full-batch Adam on squared log error, cosine
-        schedule; deterministic for a seed on one thread)."""
+        """Fit ``members`` networks (seeds ``seed``, ``seed + 1``, ...) on rows of
+        :meth:`inputs`: full-batch Adam on squared log error, cosine schedule. The members
+        are trained side by side as one batched network; their losses are summed and Adam
+        is elementwise, so each trains exactly as it would alone. Deterministic for a seed
+        on one thread."""
         import torch
 
         x = np.asarray(x, dtype=np.float64)
         y = np.log(np.maximum(np.asarray(seconds, dtype=np.float64), 1e-7))
         if x.ndim != 2 or x.shape[0] != y.size or y.size < 3:
             raise KernelModelError(f"need at least 3 measured kernels to fit, got {y.size}")
+        if members < 1 or hidden < 1:
+            raise KernelModelError("a kernel regressor needs at least one network and unit")
         mean = x.mean(axis=0)
         std = x.std(axis=0)
         std[std < 1e-9] = 1.0
         z = (x - mean) / std
         y_mean = float(y.mean())
-        gen = torch.Generator().manual_seed(seed)
         dims = [x.shape[1], hidden, hidden, 1]
+        ws: list[list[torch.Tensor]] = [[] for _ in range(3)]
+        for m in range(members):
+            gen = torch.Generator().manual_seed(seed + m)
+            for i in range(3):
+                ws[i].append(torch.randn(dims[i + 1], dims[i], generator=gen) / math.sqrt(dims[i]))
         params = []
         for i in range(3):
-            w = torch.randn(dims[i + 1], dims[i], generator=gen) * math.sqrt(1.0 / dims[i])
-            params += [w.requires_grad_(), torch.zeros(dims[i + 1], requires_grad=True)]
+            params += [
+                torch.stack(ws[i]).requires_grad_(),  # [members, out, in]
+                torch.zeros(members, dims[i + 1], requires_grad=True),
+            ]
         zt = torch.tensor(z, dtype=torch.float32)
         yt = torch.tensor(y - y_mean, dtype=torch.float32)
         opt = torch.optim.Adam(params, lr=1e-2, weight_decay=1e-5)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
 
         def net(h: torch.Tensor) -> torch.Tensor:
+            h = h.unsqueeze(0).expand(members, -1, -1)
             for i in range(3):
-                h = h @ params[2 * i].T + params[2 * i + 1]
+                h = torch.baddbmm(params[2 * i + 1].unsqueeze(1), h, params[2 * i].transpose(1, 2))
                 if i < 2:
                     h = torch.nn.functional.silu(h)
-            return h.squeeze(1)
+            return h.squeeze(2)  # [members, rows]
 
         for _ in range(steps):
             opt.zero_grad()
-            loss = torch.mean((net(zt) - yt) ** 2)
+            loss = torch.mean((net(zt) - yt) ** 2, dim=1).sum()
             loss.backward()
             opt.step()
             sched.step()
+
+        def listed(t: torch.Tensor, m: int) -> Any:
+            return np.vectorize(_sig)(t[m].detach().double().numpy()).tolist()
+
         return cls(
             mean.tolist(),
             std.tolist(),
             z.min(0).tolist(),
             z.max(0).tolist(),
-            [params[2 * i].detach().double().tolist() for i in range(3)],
-            [params[2 * i + 1].detach().double().tolist() for i in range(3)],
+            [[listed(params[2 * i], m) for i in range(3)] for m in range(members)],
+            [[listed(params[2 * i + 1], m) for i in range(3)] for m in range(members)],
             y_mean,
             int(y.size),
         )
 
     def __post_init__(self) -> None:
-        self._w = [np.asarray(w, dtype=np.float64) for w in self.weights]
-        self._b = [np.asarray(b, dtype=np.float64) for b in self.biases]
+        # the members side by side: first layers as one wide matrix, the second and third
+        # stacked per member (one batched product, no block-diagonal zeros to multiply)
+        w = [[np.asarray(w, dtype=np.float64) for w in m] for m in self.weights]
+        b = [[np.asarray(b, dtype=np.float64) for b in m] for m in self.biases]
+        self._members = [(mw, mb) for mw, mb in zip(w, b)]
+        self._w: list[np.ndarray] = []
+        self._b: list[np.ndarray] = []
+        try:
+            self._w = [
+                np.concatenate([m[0] for m in w]).T.copy(),  # [in, members·hidden]
+                np.stack([m[1].T for m in w]),  # [members, hidden, hidden]
+                np.stack([m[2][0] for m in w]) / len(w),  # [members, hidden]: the mean
+            ]
+            self._b = [
+                np.concatenate([m[0] for m in b]),
+                np.stack([m[1] for m in b])[:, None, :],
+                np.full(1, float(np.mean([m[2] for m in b]))),
+            ]
+        except (ValueError, IndexError):  # inconsistent sizes: from_dict says which
+            self._w, self._b = [], []
 
     def predict_log(self, x: np.ndarray) -> np.ndarray:
-        """Log seconds of rows of :meth:`inputs`."""
+        """Log seconds of rows of :meth:`inputs` (the members' mean)."""
         z = (np.asarray(x, dtype=np.float64) - np.asarray(self.mean)) / np.asarray(self.std)
         zc = np.clip(z, self.lo, self.hi)
         excess = (z[:, 0] - zc[:, 0]) * self.std[0]  # log work beyond the measured box
-        h = zc
-        for i in range(3):
-            h = h @ self._w[i].T + self._b[i]
-            if i < 2:
-                h = h / (1.0 + np.exp(-h))  # SiLU
-        return h[:, 0] + self.y_mean + excess
+        m, hidden = self._w[1].shape[:2]
+        h = zc @ self._w[0] + self._b[0]
+        h = h / (1.0 + np.exp(-h))  # SiLU
+        h = np.matmul(h.reshape(-1, m, hidden).transpose(1, 0, 2), self._w[1]) + self._b[1]
+        h = h / (1.0 + np.exp(-h))  # [members, rows, hidden]
+        out = np.einsum("mnh,mh->n", h, self._w[2])
+        return out + self._b[2][0] + self.y_mean + excess
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return np.exp(self.predict_log(x))
@@ -353,24 +420,28 @@ class KernelRegressor:
         try:
             r = cls(
                 *(list(map(float, d[k])) for k in ("mean", "std", "lo", "hi")),
-                weights=[[list(map(float, row)) for row in w] for w in d["weights"]],
-                biases=[list(map(float, b)) for b in d["biases"]],
+                weights=[[[list(map(float, row)) for row in w] for w in m] for m in d["weights"]],
+                biases=[[list(map(float, b)) for b in m] for m in d["biases"]],
                 y_mean=float(d.get("y_mean", 0.0)),
                 n=int(d.get("n", 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise KernelModelError(f"malformed kernel regressor ({exc})") from None
         f = len(r.mean)
-        shapes_ok = (
-            len(r._w) == 3
-            and len(r._b) == 3
-            and r._w[0].ndim == 2
-            and r._w[0].shape[1] == f
-            and r._w[1].shape == (r._w[0].shape[0], r._w[0].shape[0])
-            and r._w[2].shape == (1, r._w[0].shape[0])
-            and all(b.shape == (w.shape[0],) for w, b in zip(r._w, r._b))
-        )
-        if not (len(r.std) == len(r.lo) == len(r.hi) == f and shapes_ok):
+
+        def member_ok(ws: list[np.ndarray], bs: list[np.ndarray]) -> bool:
+            return (
+                len(ws) == 3
+                and len(bs) == 3
+                and all(w.ndim == 2 for w in ws)
+                and ws[0].shape[1] == f
+                and ws[1].shape == (ws[0].shape[0], ws[0].shape[0])
+                and ws[2].shape == (1, ws[0].shape[0])
+                and all(b.shape == (w.shape[0],) for w, b in zip(ws, bs))
+            )
+
+        ok = bool(r._members) and all(member_ok(*m) for m in r._members) and bool(r._w)
+        if not (len(r.std) == len(r.lo) == len(r.hi) == f and ok):
             raise KernelModelError("malformed kernel regressor (inconsistent sizes)")
         return r
 
@@ -428,9 +499,11 @@ class KernelModel:
         device: str = "cpu, 1 thread",
         progress: bool = False,
         steps: int = _STEPS,
+        members: int = _MEMBERS,
     ) -> KernelModel:
         """One :class:`KernelRegressor` per kind on the records (backward times less the
-        harness's ``autograd.grad`` call), and the optimizers' per-tensor and per-element
+        harness's ``autograd.grad`` call; ``members`` networks each, wider for the kinds
+        of :data:`_HIDDEN_BY_KIND`), and the optimizers' per-tensor and per-element
         costs (non-negative least squares on relative error)."""
         from scipy.optimize import nnls
         from tqdm import tqdm
@@ -463,7 +536,13 @@ class KernelModel:
         items = sorted(by_kind.items())
         for kind, (xs, ys) in tqdm(items, desc="kernel regressors", disable=not progress):
             if len(ys) >= 3:
-                regs[kind] = KernelRegressor.fit(np.concatenate(xs), np.asarray(ys), steps=steps)
+                regs[kind] = KernelRegressor.fit(
+                    np.concatenate(xs),
+                    np.asarray(ys),
+                    hidden=_HIDDEN_BY_KIND.get(kind, _HIDDEN),
+                    steps=steps,
+                    members=members,
+                )
         if not regs:
             raise KernelModelError("no kernel records to fit the kernel regressors on")
         return cls(regs, opt, device, harness_s, len(recs))
@@ -520,10 +599,22 @@ class KernelModel:
         dtype = "bf16" if prec in ("bf16", "fp16") else "fp32"
         key = (self.token, int(mb), dtype)
         got = nk.memo.get(key)
-        if got is not None:
-            return got
-        n = nk.kind.size
-        out = [np.zeros(n) for _ in range(4)]
+        if got is None:
+            self.prefetch(nk, [int(mb)], prec)
+            got = nk.memo[key]
+        return got
+
+    def prefetch(self, nk: NodeKernels, mbs: Iterable[int], prec: str) -> None:
+        """Memoise :meth:`node_times` of ``nk`` for every micro-batch size of ``mbs`` at
+        once: one evaluation of each kind's network over all sizes and phases (a graph's
+        cold predictions cost a few network calls, not a few per micro-batch size)."""
+        dtype = "bf16" if prec in ("bf16", "fp16") else "fp32"
+        todo = sorted({int(m) for m in mbs if (self.token, int(m), dtype) not in nk.memo})
+        if not todo:
+            return
+        n, m = nk.kind.size, len(todo)
+        out = np.zeros((4, m, n))
+        mb_col = np.asarray(todo, dtype=np.float64)
         cols = {
             c: getattr(nk, c)
             for c in ("cin", "cout", "k", "stride", "groups", "h", "w", "ho", "wo", "rows")
@@ -531,26 +622,27 @@ class KernelModel:
         for code in np.unique(nk.kind[nk.kind >= 0]).tolist():
             kind = KIND_LIST[code]
             idx = np.flatnonzero(nk.kind == code)
-            sub = {c: v[idx] for c, v in cols.items()}
-            x = features(kind, float(mb), sub)
+            # rows ordered (micro-batch size, node): every size's copy of the kind's nodes
+            sub = {c: np.tile(v[idx], m) for c, v in cols.items()}
+            mbr = np.repeat(mb_col, idx.size)
             reg = self.regressors.get(kind)
             if reg is not None:
+                x = features(kind, mbr, sub)
                 # every phase of the kind in one evaluation of its network
                 phases = [j for j, ph in enumerate(PHASES) if ph in KINDS[kind]]
                 rows = np.concatenate(
                     [KernelRegressor.inputs(x, dtype == "bf16", PHASES[j]) for j in phases]
                 )
-                t = reg.predict(rows).reshape(len(phases), idx.size)
+                t = reg.predict(rows).reshape(len(phases), m, idx.size)
                 for r, j in enumerate(phases):
-                    out[j][idx] = t[r]
-            if code in (_CODE[k] for k in (*CONV_KINDS, "linear")):
+                    out[j][:, idx] = t[r]
+            if code in _WEIGHTED and "add" in self.regressors:
                 oc = {**sub, "cin": sub["cout"], "h": sub["ho"], "w": sub["wo"]}
-                t = self.predict("add", dtype, "fwd", features("add", float(mb), oc))
+                t = self.predict("add", dtype, "fwd", features("add", mbr, oc))
                 if t is not None:
-                    out[3][idx] = t
-        res = (out[0], out[1], out[2], out[3])
-        nk.memo[key] = res
-        return res
+                    out[3][:, idx] = t.reshape(m, idx.size)
+        for i, mb in enumerate(todo):
+            nk.memo[(self.token, mb, dtype)] = (out[0, i], out[1, i], out[2, i], out[3, i])
 
     def node_times_matrix(self, nk: NodeKernels, mb: int, prec: str) -> np.ndarray:
         """:meth:`node_times` stacked as a ``[4, nodes]`` array (memoised on ``nk``)."""
@@ -572,10 +664,17 @@ class KernelModel:
             "device": self.device,
             "harness_s": self.harness_s,
             "n_records": self.n_records,
+            "features_version": FEATURES_VERSION,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> KernelModel:
+        version = d.get("features_version", 1) if isinstance(d, dict) else None
+        if version != FEATURES_VERSION:
+            raise KernelModelError(
+                f"kernel model of features version {version}, this aiop needs "
+                f"{FEATURES_VERSION}: refit it with python -m aiop.predictor.kernels"
+            )
         try:
             regs = {str(k): KernelRegressor.from_dict(v) for k, v in d["regressors"].items()}
             opt = {str(k): [float(x) for x in v] for k, v in d["opt"].items()}

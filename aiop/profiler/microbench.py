@@ -6,7 +6,10 @@ over a generic design of shapes (not the layers of any network the predictor is
 judged on). :func:`design` draws that design — a Latin hypercube over log channels,
 log spatial size and log micro-batch within the ranges the zoo and the OFA families
 use at their default resolutions (channels 3–2048, 1–112 px, micro-batch 1–64),
-both precisions — and :func:`measure` times one point on ONE thread
+both precisions, plus more fp32 points for the convolution kinds and BatchNorm (half
+of their channel counts multiples of 8) and 1×1 / 3×3 convolutions on 1–8 px, where
+oneDNN switches algorithm with the micro-batch — and :func:`measure` times one point on
+ONE thread
 (``torch.set_num_threads(1)``): the forward call, the backward of the input gradient
 and, for weighted kernels, the backward of the weight gradient, each separately
 (``torch.autograd.grad`` on a retained graph), fp32 or under CPU bf16 autocast as
@@ -36,7 +39,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +83,8 @@ _POINTS = {
     **{k: 45 for k in UNARY_KINDS},
 }
 _OPT_POINTS = 40
+# the extra fp32 points of :func:`_extra_fp32`
+_EXTRA_FP32 = {"conv": 900, "gconv": 300, "dwconv": 200, "bn": 200}
 # caps keep one point's cost bounded (the bf16 convolutions run at ~1 GFLOP/s here)
 _MAX_SAMPLE_ELEMS = 8e5  # per sample, any tensor (32 × 112 × 112 × 2)
 _MAX_ELEMS = 2.5e7  # per tensor, whole micro-batch
@@ -233,6 +238,65 @@ def _draw(kind: str, dtype: str, u: np.ndarray, rng: np.random.Generator) -> Ker
     return KernelPoint(kind, dtype, mb, c, c, h=h, w=h)
 
 
+def _round8(c: int, u: float) -> int:
+    """``c`` rounded to a multiple of 8 when ``u`` < 0.6: networks mostly use such channel
+    counts, and oneDNN's fp32 kernels block channels by 8 (AVX2), so both regimes are sampled."""
+    return max(8, 8 * round(c / 8)) if u < 0.6 else c
+
+
+def _extra_fp32(seed: int, scale: float) -> list[KernelPoint]:
+    """More fp32 points for the kinds whose fp32 times vary most with shape (oneDNN picks
+    its algorithm by shape): dense and grouped convolutions, depthwise convolutions and
+    BatchNorm. Their own random stream (``seed + 2``) and appended after the first design,
+    so the points measured before stay the same and a resumed file only adds these."""
+    rng = np.random.default_rng(seed + 2)
+    points: list[KernelPoint] = []
+    for kind, n in _EXTRA_FP32.items():
+        m, got = max(2, round(n * scale)), []
+        for _ in range(8):
+            for u in _lhs(2 * m, 7, rng):
+                p = _draw(kind, "fp32", u[:6], rng)
+                if kind == "conv":
+                    p = replace(
+                        p,
+                        cin=_round8(p.cin, u[6]) if p.cin > 8 else p.cin,
+                        cout=_round8(p.cout, u[6]),
+                    )
+                elif kind == "dwconv":
+                    c = _round8(p.cin, u[6])
+                    p = replace(p, cin=c, cout=c, groups=c)
+                elif kind == "gconv":
+                    p = replace(
+                        p,
+                        cin=p.groups * _round8(p.cin // p.groups, u[6])
+                        if p.cin // p.groups > 8
+                        else p.cin,
+                    )
+                elif kind == "bn":
+                    c = _round8(p.cin, u[6])
+                    p = replace(p, cin=c, cout=c)
+                if _ok(p) and len(got) < m:
+                    got.append(p)
+            if len(got) >= m:
+                break
+        points += got
+    # late stages at low resolution: 1×1 and 3×3 convolutions on 1–8 px, where oneDNN
+    # switches algorithm with the micro-batch (a 1×1 on 2×2 px runs 8× faster from 16
+    # samples up); both precisions
+    for dtype, n in (("fp32", 300), ("bf16", 150)):
+        m, got = max(2, round(n * scale)), []
+        for u in _lhs(3 * m, 5, rng):
+            k = 1 if u[4] < 0.6 else 3
+            h, mb = _logu(u[0], 1, 8), _logu(u[1], 1, 64)
+            cin, cout = _round8(_logu(u[2], 16, 2048), 0), _round8(_logu(u[3], 16, 2048), 0)
+            p = KernelPoint("conv", dtype, mb, cin, cout, k, 1, 1, h, h)
+            if _ok(p) and len(got) < m and p not in got:
+                got.append(p)
+        points += got
+    order = rng.permutation(len(points))
+    return [points[i] for i in order]
+
+
 def design(seed: int = 0, scale: float = 1.0) -> list[KernelPoint]:
     """The generic design: every kind × precision, Latin-hypercube over its shape ranges,
     points over the caps dropped, shuffled (so a partial run covers every kind)."""
@@ -269,7 +333,7 @@ def design(seed: int = 0, scale: float = 1.0) -> list[KernelPoint]:
             elems = max(tensors, _logu(u[1], 100, 3e7))
             points.append(KernelPoint(kind, "fp32", tensors=tensors, elems=elems))
     order = rng.permutation(len(points))
-    return [points[i] for i in order]
+    return [points[i] for i in order] + _extra_fp32(seed, scale)
 
 
 def _clock(fn: Callable[[], object]) -> tuple[float, int]:
