@@ -692,8 +692,14 @@ class KernelModel:
 def main(argv: list[str] | None = None) -> int:
     """Fit the kernel model on a microbenchmark file and save it as JSON."""
     parser = argparse.ArgumentParser(description="Fit the kernel regressors on microbenchmarks.")
-    parser.add_argument("-bench", default=str(DEFAULT_KERNEL_BENCH))
-    parser.add_argument("-out", default=str(DEFAULT_KERNEL_MODEL))
+    parser.add_argument(
+        "-bench",
+        default=str(DEFAULT_KERNEL_BENCH),
+        help="microbenchmark file (python -m aiop.profiler.microbench)",
+    )
+    parser.add_argument(
+        "-out", default=str(DEFAULT_KERNEL_MODEL), help="kernel model JSON to write"
+    )
     parser.add_argument("-q", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -542,8 +542,12 @@ def collect(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Time the kernel kinds of a training step.")
-    parser.add_argument("-out", default="data/kernel_bench/cpu_1thread.jsonl")
-    parser.add_argument("-seed", type=int, default=0)
+    parser.add_argument(
+        "-out",
+        default="data/kernel_bench/cpu_1thread.jsonl",
+        help="JSON-lines file to append to; points already in it are skipped (resume)",
+    )
+    parser.add_argument("-seed", type=int, default=0, help="seed of the shape design")
     parser.add_argument("-scale", type=float, default=1.0, help="design size multiplier")
     parser.add_argument("-limit", type=int, default=None, help="measure at most this many")
     parser.add_argument("-q", action="store_true", help="no progress bar")
