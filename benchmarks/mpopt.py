@@ -275,7 +275,20 @@ def part_accuracy(
     drift: str = "both",
     seed: int = 0,
     selection: str = "evidence",
+    baseline_drift: str = "same",
+    optimizer_state: str = "reset",
 ) -> dict:
+    """One model on one stream over every budget: fixed baselines, oracle, profiling
+    planner and MPOptimizer.
+
+    ``baseline_drift="same"`` gives the fixed runs (hence the baselines, the oracle and
+    the profiling planner, which are read off them) the drift information MPOptimizer
+    has (``drift``): a fixed run re-plans its one configuration where MPOptimizer would
+    re-plan, and with ``optimizer_state="reset"`` that re-plan starts a fresh optimizer.
+    ``"metadata"`` re-plans them at the stream's true boundaries, which a device does not
+    know (the comparison of session 13 and before). ``optimizer_state`` is the same for
+    every arm (:attr:`aiop.mpopt.loop.RetrainSettings.optimizer_state`).
+    """
     from tqdm import tqdm
 
     grid = accuracy_grid(BATCH, axes["methods"], axes["freezes"], axes["micro_batches"])
@@ -291,15 +304,21 @@ def part_accuracy(
             v = MConfig(batch_size=c.batch_size, micro_batch=c.mb, freeze=c.freeze, ckpt=k,
                         method=c.method)  # fmt: skip
             peaks[v] = measured_peak(spec, v)
+    fixed_drift = drift if baseline_drift == "same" else baseline_drift
+    # folders of runs made before these options existed keep their names (reused)
+    suffix = ("" if fixed_drift == "metadata" else f"-{fixed_drift}") + (
+        "" if optimizer_state == "reset" else f"-opt{optimizer_state}"
+    )
+    mp_suffix = "" if optimizer_state == "reset" else f"-opt{optimizer_state}"
     # every setting trained for the whole stream with a fixed config (no budget)
     fixed: dict[str, dict] = {}
     for c in tqdm(grid, desc="fixed runs", leave=False):
         space = {"methods": (c.method,), "freezes": (c.freeze,), "segments": (0,),
                  "micro_batches": (c.mb,), "precisions": ("fp32",)}  # fmt: skip
         tag = c.format().replace(",", "_").replace("=", "").replace("+", "")
-        rep = run_stream(spec, base_kw, space, workdir / f"fixed-{tag}", predictor,
+        rep = run_stream(spec, base_kw, space, workdir / f"fixed-{tag}{suffix}", predictor,
                          budget_mb=1e6, top_k=1, probe_steps=0, enforce_budget=False,
-                         drift="metadata")  # fmt: skip
+                         drift=fixed_drift, optimizer_state=optimizer_state)  # fmt: skip
         fixed[c.format()] = {
             "accuracy": rep["mean_accuracy_after"],
             "per_domain": [d["acc_after"] for d in rep["domains"]],
@@ -310,6 +329,7 @@ def part_accuracy(
             ),
             "peak_no_ckpt_bytes": peaks[c],
             "train_seconds": rep["train_seconds"],
+            "replans": [p["step"] for p in rep["plans"]],
         }
     # MPOptimizer plans over exactly the grid (times checkpoint segments) the oracle searched
     loop_space = {"methods": tuple(axes["methods"]), "freezes": tuple(axes["freezes"]),
@@ -346,9 +366,9 @@ def part_accuracy(
         else:
             row["profiling_planner"] = None
         try:
-            rep = run_stream(spec, base_kw, loop_space, workdir / f"mpopt-{budget:g}", predictor,
-                             budget_mb=budget, top_k=3, probe_steps=2, drift=drift,
-                             selection=selection)  # fmt: skip
+            rep = run_stream(spec, base_kw, loop_space, workdir / f"mpopt-{budget:g}{mp_suffix}",
+                             predictor, budget_mb=budget, top_k=3, probe_steps=2, drift=drift,
+                             selection=selection, optimizer_state=optimizer_state)  # fmt: skip
             row["mpopt"] = rep["mean_accuracy_after"]
             row["mpopt_configs"] = rep["configs_chosen"]
             row["mpopt_violations"] = rep["budget_violations"]
@@ -372,6 +392,7 @@ def part_accuracy(
         log.info("budget %s: %s", budget, row)
     return {"model": spec, "stream": stream, "steps_per_domain": steps, "grid": len(grid),
             "drift": drift, "seed": seed, "selection": selection,
+            "baseline_drift": fixed_drift, "optimizer_state": optimizer_state,
             "full_finetune_peak_bytes": full_peak, "fixed": fixed, "rows": rows}  # fmt: skip
 
 
@@ -384,6 +405,16 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     m = sum(xs) / len(xs)
     sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
     return m, sd
+
+
+def run_key(run: dict) -> tuple[str, str, str, str, str]:
+    """What makes one accuracy table: a new run replaces only the table with the same key.
+
+    Runs of the same pair under other drift information or optimizer state stay beside it
+    (a run from before these options re-planned its fixed runs at the true boundaries).
+    """
+    return (run["model"], run["stream"], str(run.get("drift")),
+            run.get("baseline_drift", "metadata"), run.get("optimizer_state", "reset"))  # fmt: skip
 
 
 def aggregate_seeds(runs: list[dict]) -> dict:
@@ -446,6 +477,8 @@ def aggregate_seeds(runs: list[dict]) -> dict:
         "grid": first["grid"],
         "drift": first.get("drift"),
         "selection": first.get("selection"),
+        "baseline_drift": first.get("baseline_drift", "metadata"),
+        "optimizer_state": first.get("optimizer_state", "reset"),
         "seeds": [run.get("seed", 0) for run in runs],
         "full_finetune_peak_bytes": first.get("full_finetune_peak_bytes"),
         "rows": rows,
@@ -549,6 +582,16 @@ def markdown(result: dict) -> str:
     a = result.get("accuracy")
     if a:
         runs = a.get("runs") or [a]  # one run: the layout before several models and streams
+        # the tables of one model × stream together, the like-for-like one (fixed runs with
+        # the loop's drift information) before the one whose baselines knew the boundaries
+        pairs = list(dict.fromkeys((r.get("model"), r.get("stream")) for r in runs))
+
+        def order(r: dict) -> tuple[int, bool, bool]:
+            knew = r.get("baseline_drift", "metadata") == "metadata" != r.get("drift")
+            keep = r.get("optimizer_state", "reset") != "reset"
+            return pairs.index((r.get("model"), r.get("stream"))), knew, keep
+
+        runs = sorted(runs, key=order)
         lines += ["## Accuracy: mean test accuracy over the stream's domains after adapting", ""]
         if a.get("command"):  # the layout where one command ran every pair
             lines += _command_line(a, unknown)
@@ -581,6 +624,15 @@ def accuracy_table(a: dict) -> list[str]:
     head += f"; mean ± std over seeds {', '.join(map(str, seeds))}" if seeds else ""
     head += f"; re-planning on drift: {a['drift']}" if a.get("drift") else ""
     head += f"; choice among probes: {a['selection']}" if a.get("selection") else ""
+    if a.get("drift"):
+        # runs from before the option re-planned their fixed runs at the true boundaries
+        fixed_drift = a.get("baseline_drift", "metadata")
+        head += "; fixed runs re-plan " + (
+            "at the true domain boundaries (information MPOptimizer does not have)"
+            if fixed_drift == "metadata" and a["drift"] != "metadata"
+            else f"on the same drift information ({fixed_drift})"
+        )
+    head += f"; optimizer state on re-plan: {a.get('optimizer_state', 'reset')}"
     head += f"; full fine-tuning peak {full / MB:.1f} MB)" if full else ")"
     lines = [head, "",
              "| budget MB | full | TinyTL-B | TinyTL-L+B | profiling planner | oracle | "
@@ -672,6 +724,21 @@ def main() -> None:
         default="evidence",
         help="how MPOptimizer picks among its probes (aiop retrain --selection)",
     )
+    parser.add_argument(
+        "--baseline-drift",
+        choices=["same", "metadata"],
+        default="same",
+        help="what re-plans the fixed runs (baselines, oracle, profiling planner): the same "
+        "drift information as MPOptimizer (same), or the stream's true boundaries (metadata, "
+        "the comparison before session 13)",
+    )
+    parser.add_argument(
+        "--optimizer-state",
+        choices=["reset", "keep"],
+        default="reset",
+        help="every arm: a re-plan to the same trainable set starts a fresh optimizer or "
+        "keeps its momentum (aiop retrain --optimizer-state)",
+    )
     parser.add_argument("--predictor", default=None)
     parser.add_argument("--workdir", default="out/mpopt-bench")
     parser.add_argument(
@@ -761,12 +828,14 @@ def main() -> None:
                         args.drift,
                         seed,
                         args.selection,
+                        args.baseline_drift,
+                        args.optimizer_state,
                     )
                 )
             run = per_seed[0] if len(per_seed) == 1 else aggregate_seeds(per_seed)
             run["command"] = command
             run["seconds"] = round(time.perf_counter() - t0, 1)  # since this command started
-            runs[:] = [r for r in runs if (r["model"], r["stream"]) != (spec, stream)] + [run]
+            runs[:] = [r for r in runs if run_key(r) != run_key(run)] + [run]
             save()  # each finished model × stream is kept
     print(markdown(result))
 

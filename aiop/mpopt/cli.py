@@ -249,6 +249,13 @@ def register(sub: Any, model_help: str) -> None:
         "evidence pooled across re-plans (evidence), or a gain of two probe images (prior)",
     )
     p.add_argument(
+        "--optimizer-state",
+        choices=["reset", "keep"],
+        default="reset",
+        help="a re-plan that keeps the trainable parameters and optimizer: start a fresh "
+        "optimizer (reset) or keep its momentum (keep)",
+    )
+    p.add_argument(
         "--no-probe-beyond-margin",
         action="store_true",
         help="never probe a candidate that only the safety margin rules out (see README)",

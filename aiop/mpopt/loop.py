@@ -86,6 +86,9 @@ MODES: tuple[str, ...] = ("supervised", "tent")
 DRIFT_MODES: tuple[str, ...] = ("both", "detect", "metadata")
 # How the loop picks among probed candidates (see select_probe).
 SELECTIONS: tuple[str, ...] = ("evidence", "prior")
+# What a re-plan does to the optimizer's state (momentum) when the adopted configuration
+# trains the same parameters with the same optimizer as before (see carry_optimizer_state).
+OPTIMIZER_STATES: tuple[str, ...] = ("reset", "keep")
 # A challenger must beat the planner's choice by this many standard errors of the
 # mean per-image paired gain (one-sided, about 2.3 % false switches on noise).
 EVIDENCE_Z = 2.0
@@ -201,6 +204,8 @@ class RetrainSettings:
     drift: str = "both"  # re-plan at the stream's boundaries, detected drift, or both
     drift_threshold: float = 1.0  # shift in reference SDs that counts as drift
     selection: str = "evidence"  # pick among probes on evidence across re-plans, or "prior"
+    # a re-plan to a config with the same trainable set: a fresh optimizer, or keep its state
+    optimizer_state: str = "reset"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     space: dict[str, Any] = field(default_factory=dict)  # MSpace overrides (e.g. freezes)
 
@@ -214,6 +219,11 @@ class RetrainSettings:
         if self.selection not in SELECTIONS:
             raise RetrainError(
                 f"unknown selection {self.selection!r}; choose one of {', '.join(SELECTIONS)}"
+            )
+        if self.optimizer_state not in OPTIMIZER_STATES:
+            raise RetrainError(
+                f"unknown optimizer state {self.optimizer_state!r}; choose one of "
+                f"{', '.join(OPTIMIZER_STATES)}"
             )
         try:
             DriftDetector(threshold=self.drift_threshold)
@@ -243,6 +253,8 @@ class RetrainSettings:
             # the rule that picks among probes changes nothing here (one candidate, or no
             # probe), or it is the earlier rule: keys stay those of runs made before it existed
             del d["selection"]
+        if self.optimizer_state == "reset":  # the behaviour before the option existed
+            del d["optimizer_state"]
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -347,6 +359,10 @@ def pretrained(
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
+    # train_step clears gradients after its update, not before: a last pretraining
+    # gradient left here would be added to the first step of the stream (only in the run
+    # that pretrained, not in those that load the cached model)
+    opt.zero_grad(set_to_none=True)
     test_x, test_y = domain_split(
         Domain(), "test", source=source, resolution=resolution, limit=samples
     )
@@ -590,6 +606,35 @@ class Trainer:
         finally:
             guard.close()
         return float(loss.item()), int(guard.peak), time.perf_counter() - t0
+
+
+def trainable_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The names of the parameters ``optimizer`` updates, in its order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names.get(id(p), "?") for g in optimizer.param_groups for p in g["params"]]
+
+
+def carry_optimizer_state(old: Trainer, new: Trainer) -> bool:
+    """Give ``new`` a copy of ``old``'s optimizer state (SGD's momentum buffers) when both
+    update the same parameters, by name and in the same order, with the same optimizer.
+
+    A re-plan that adopts a configuration with the same trainable set changes how a step
+    is computed (micro-batches, checkpointing), not what is optimised, so the momentum
+    is still that of these parameters; a fresh optimizer would make the run depend on
+    *when* re-plans happen. ``new`` may train a copy of ``old``'s model (a probe): the
+    state is deep-copied, so steps of one never move the other's buffers. Returns
+    whether the state was carried.
+    """
+    if old.optimizer is None or new.optimizer is None:
+        return False
+    if type(old.optimizer) is not type(new.optimizer):
+        return False
+    if trainable_names(old.model, old.optimizer) != trainable_names(new.model, new.optimizer):
+        return False
+    # load_state_dict keeps tensors already on the right device and dtype as they are:
+    # without the copy a probe would share (and move) the incumbent's momentum
+    new.optimizer.load_state_dict(copy.deepcopy(old.optimizer.state_dict()))
+    return True
 
 
 # -- the loop ------------------------------------------------------------------------
@@ -1141,6 +1186,7 @@ class RetrainLoop:
         trainer = Trainer.make(
             model, cand.config, self.s.mode, self.s.learning_rate, cand.peak_bytes
         )
+        carried = self.s.optimizer_state == "keep" and carry_optimizer_state(self.trainer, trainer)
         records: list[tuple[float, int, float]] = []
         out: dict[str, Any] = {
             "config": cand.spec,
@@ -1149,6 +1195,7 @@ class RetrainLoop:
             "prior": cand.accuracy,
             "setting": setting_key(cand.config),
             "beyond_margin": beyond_margin,
+            "optimizer_state_kept": carried,
         }
         try:
             for k in range(n_probe):
@@ -1365,6 +1412,7 @@ def run_from_args(args: Any) -> int:
         drift_threshold=args.drift_threshold,
         probe_beyond_margin=not args.no_probe_beyond_margin,
         selection=args.selection,
+        optimizer_state=getattr(args, "optimizer_state", "reset"),
     )
     loop = RetrainLoop(
         settings,
