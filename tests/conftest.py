@@ -1,5 +1,7 @@
 """Shared test settings."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -16,3 +18,12 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def aiop_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``AIOP_CACHE_DIR`` in the session's temporary base: pretrained models and streams
+    are built once per test session and shared by the retraining tests."""
+    path = tmp_path_factory.getbasetemp() / "aiop-cache"
+    monkeypatch.setenv("AIOP_CACHE_DIR", str(path))
+    return path

@@ -33,13 +33,6 @@ class Cautious:
         return self.inner.predict(cg, configs)
 
 
-@pytest.fixture
-def cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path_factory.getbasetemp() / "aiop-cache"
-    monkeypatch.setenv("AIOP_CACHE_DIR", str(path))
-    return path
-
-
 def settings(**kw: Any) -> RetrainSettings:
     base: dict[str, Any] = dict(
         model="zoo:mobilenet_v2", model_kwargs={"width_mult": 0.25}, stream="digits-c-short",
@@ -50,7 +43,7 @@ def settings(**kw: Any) -> RetrainSettings:
     return RetrainSettings(**base)
 
 
-def test_measured_candidate_replaces_the_margin(tmp_path: Path, cache: Path) -> None:
+def test_measured_candidate_replaces_the_margin(tmp_path: Path, aiop_cache: Path) -> None:
     predictor = Cautious(load_predictor(None))
     cg = from_torch(build("zoo:mobilenet_v2", num_classes=10, resolution=16, width_mult=0.25),
                     (1, 3, 16, 16))  # fmt: skip
@@ -70,7 +63,7 @@ def test_measured_candidate_replaces_the_margin(tmp_path: Path, cache: Path) -> 
     assert off["plans"][0]["chosen"] != full.spec
 
 
-def test_guard_stops_a_candidate_that_does_not_fit(tmp_path: Path, cache: Path) -> None:
+def test_guard_stops_a_candidate_that_does_not_fit(tmp_path: Path, aiop_cache: Path) -> None:
     """A predictor that halves every peak: the best candidate beyond the margin is really
     over the budget; the guard stops its probe, nothing is violated, and it is not retried."""
 

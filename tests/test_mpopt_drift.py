@@ -59,13 +59,6 @@ def test_detects_every_corruption_change_of_digits_c() -> None:
 # -- the loop, blind to the stream's boundaries (slow: real training) -----------------------
 
 
-@pytest.fixture
-def cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path_factory.getbasetemp() / "aiop-cache"
-    monkeypatch.setenv("AIOP_CACHE_DIR", str(path))
-    return path
-
-
 def settings(**kw: Any) -> RetrainSettings:
     """Five steps per domain at batch 16 under a flat 40 MB: enough for the detector's
     reference batches before each boundary."""
@@ -74,7 +67,7 @@ def settings(**kw: Any) -> RetrainSettings:
 
 
 @pytest.mark.slow
-def test_loop_replans_on_detected_drift_without_metadata(tmp_path: Path, cache: Path) -> None:
+def test_loop_replans_on_detected_drift_without_metadata(tmp_path: Path, aiop_cache: Path) -> None:
     report = RetrainLoop(
         settings(drift="detect"), load_predictor(None), tmp_path, progress=False
     ).run()

@@ -175,16 +175,9 @@ def settings(**kw: Any) -> RetrainSettings:
     return tiny_retrain_settings(segments=(0, 2), **kw)
 
 
-@pytest.fixture
-def cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path_factory.getbasetemp() / "aiop-cache"
-    monkeypatch.setenv("AIOP_CACHE_DIR", str(path))
-    return path
-
-
 @pytest.mark.slow
 def test_run_interrupt_and_resume(
-    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, aiop_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     s = settings()
     predictor = load_predictor(None)
@@ -237,7 +230,7 @@ class UnderPredicting:
 
 
 @pytest.mark.slow
-def test_out_of_memory_fallback(tmp_path: Path, cache: Path) -> None:
+def test_out_of_memory_fallback(tmp_path: Path, aiop_cache: Path) -> None:
     s = settings(budget_schedule=[(0, 3.5)], budget_mb=3.5)
     report = RetrainLoop(s, UnderPredicting(load_predictor(None)), tmp_path, progress=False).run()
     assert report["out_of_memory_fallbacks"] >= 1
@@ -251,7 +244,7 @@ def test_out_of_memory_fallback(tmp_path: Path, cache: Path) -> None:
 
 
 @pytest.mark.slow
-def test_tent_run(tmp_path: Path, cache: Path) -> None:
+def test_tent_run(tmp_path: Path, aiop_cache: Path) -> None:
     s = settings(mode="tent", budget_schedule=[(0, 6.0)], budget_mb=6, steps_per_domain=1)
     report = RetrainLoop(s, load_predictor(None), tmp_path, progress=False).run()
     assert all("norm+last" in c for c in report["configs_chosen"])
@@ -260,7 +253,7 @@ def test_tent_run(tmp_path: Path, cache: Path) -> None:
         assert all("gain" in x for x in p["probed"] if x["ok"])
 
 
-def test_impossible_budget_fails_before_training(tmp_path: Path, cache: Path) -> None:
+def test_impossible_budget_fails_before_training(tmp_path: Path, aiop_cache: Path) -> None:
     s = settings(budget_schedule=[(0, 12.0), (2, 0.5)])
     with pytest.raises(RetrainError, match="smallest predicted peak"):
         RetrainLoop(s, load_predictor(None), tmp_path, progress=False).run()

@@ -78,11 +78,10 @@ def test_optimizer_state_setting_keys_and_cli(capsys: pytest.CaptureFixture[str]
 
 @pytest.mark.slow
 def test_keep_makes_a_fixed_run_independent_of_when_it_replans(
-    tmp_path: Path, tmp_path_factory: Any, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, aiop_cache: Path
 ) -> None:
     """One fixed configuration: re-planning at the true boundaries or on detected drift
     changes nothing when the optimizer keeps its state (same losses, same accuracy)."""
-    monkeypatch.setenv("AIOP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "aiop-cache"))
     predictor = load_predictor(None)
     reports = {}
     for drift in ("metadata", "detect"):

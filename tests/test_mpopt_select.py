@@ -221,9 +221,7 @@ def test_probe_scores_are_per_image(tmp_path: Path, mode: str) -> None:
 
 
 @pytest.mark.slow
-def test_loop_records_evidence_and_resumes_it(tmp_path: Path, tmp_path_factory: Any,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    monkeypatch.setenv("AIOP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "aiop-cache"))
+def test_loop_records_evidence_and_resumes_it(tmp_path: Path, aiop_cache: Path) -> None:
     s = tiny_retrain_settings(
         budget_mb=1e4, steps_per_domain=3, batch_size=8, top_k=3, probe_steps=2,
         space={"freezes": (0.0, 0.5), "segments": (0,), "precisions": ("fp32",),
