@@ -409,6 +409,40 @@ def latency_terms(plan: LatencyPlan, config: MConfig) -> np.ndarray:
     return config.batch_size * parts[0] + config.accum_steps * parts[1] + parts[2]
 
 
+def _check_constants(what: str, constants: Sequence[float], terms: Sequence[str],
+                     expected: Sequence[str]) -> None:  # fmt: skip
+    """Refuse constants fitted for other terms, or not one finite non-negative number each."""
+    if list(terms) != list(expected):
+        raise LatencyError(
+            f"{what} constants are for the terms {list(terms)}, this aiop computes "
+            f"{list(expected)}: refit them"
+        )
+    if len(constants) != len(expected) or not all(math.isfinite(c) and c >= 0 for c in constants):
+        raise LatencyError("latency constants must be one non-negative number per term")
+
+
+def _fit_fields(model: LatencyModel | KernelLatencyModel) -> dict[str, object]:
+    """The fitted constants and their provenance, as both models store them."""
+    return {
+        "constants": list(model.constants),
+        "terms": list(model.terms),
+        "device": model.device,
+        "n_labels": model.n_labels,
+        "fit_median_ape": model.fit_median_ape,
+    }
+
+
+def _parse_fit_fields(d: dict[str, object]) -> dict[str, Any]:
+    """The keyword arguments :func:`_fit_fields` wrote (raises KeyError/TypeError/ValueError)."""
+    return {
+        "constants": [float(v) for v in d["constants"]],  # type: ignore[union-attr]
+        "terms": [str(t) for t in d["terms"]],  # type: ignore[union-attr]
+        "device": str(d.get("device", "")),
+        "n_labels": int(d.get("n_labels", 0)),  # type: ignore[call-overload]
+        "fit_median_ape": float(d.get("fit_median_ape", math.nan)),  # type: ignore[arg-type]
+    }
+
+
 @dataclass
 class LatencyModel:
     """Fitted device constants (seconds per unit of each of :data:`LATENCY_TERMS`)."""
@@ -420,15 +454,7 @@ class LatencyModel:
     fit_median_ape: float = math.nan
 
     def __post_init__(self) -> None:
-        if list(self.terms) != list(LATENCY_TERMS):
-            raise LatencyError(
-                f"latency constants are for the terms {self.terms}, this aiop computes "
-                f"{list(LATENCY_TERMS)}: refit them"
-            )
-        if len(self.constants) != len(LATENCY_TERMS) or not all(
-            math.isfinite(c) and c >= 0 for c in self.constants
-        ):
-            raise LatencyError("latency constants must be one non-negative number per term")
+        _check_constants("latency", self.constants, self.terms, LATENCY_TERMS)
 
     def predict(self, terms: np.ndarray) -> np.ndarray:
         """Seconds per step for rows of :func:`latency_terms` vectors."""
@@ -456,24 +482,12 @@ class LatencyModel:
         return out
 
     def to_dict(self) -> dict[str, object]:
-        return {
-            "constants": list(self.constants),
-            "terms": list(self.terms),
-            "device": self.device,
-            "n_labels": self.n_labels,
-            "fit_median_ape": self.fit_median_ape,
-        }
+        return _fit_fields(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> LatencyModel:
         try:
-            return cls(
-                constants=[float(v) for v in d["constants"]],  # type: ignore[union-attr]
-                terms=[str(t) for t in d["terms"]],  # type: ignore[union-attr]
-                device=str(d.get("device", "")),
-                n_labels=int(d.get("n_labels", 0)),  # type: ignore[call-overload]
-                fit_median_ape=float(d.get("fit_median_ape", math.nan)),  # type: ignore[arg-type]
-            )
+            return cls(**_parse_fit_fields(d))
         except (KeyError, TypeError, ValueError) as exc:
             raise LatencyError(f"malformed latency constants ({exc})") from None
 
@@ -619,15 +633,7 @@ class KernelLatencyModel:
     fit_median_ape: float = math.nan
 
     def __post_init__(self) -> None:
-        if list(self.terms) != list(KERNEL_TERMS):
-            raise LatencyError(
-                f"kernel latency constants are for {self.terms}, this aiop computes "
-                f"{list(KERNEL_TERMS)}: refit them"
-            )
-        if len(self.constants) != len(KERNEL_TERMS) or not all(
-            math.isfinite(c) and c >= 0 for c in self.constants
-        ):
-            raise LatencyError("latency constants must be one non-negative number per term")
+        _check_constants("kernel latency", self.constants, self.terms, KERNEL_TERMS)
 
     def row(self, plan: LatencyPlan, config: MConfig) -> np.ndarray:
         return kernel_parts(plan, config, self.kernels)
@@ -650,27 +656,13 @@ class KernelLatencyModel:
         return {f"scale_{t}": float(v) for t, v in zip(self.terms, self.constants)}
 
     def to_dict(self) -> dict[str, object]:
-        return {
-            "kind": "kernels",
-            "kernels": self.kernels.to_dict(),
-            "constants": list(self.constants),
-            "terms": list(self.terms),
-            "device": self.device,
-            "n_labels": self.n_labels,
-            "fit_median_ape": self.fit_median_ape,
-        }
+        return {"kind": "kernels", "kernels": self.kernels.to_dict(), **_fit_fields(self)}
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> KernelLatencyModel:
         try:
-            return cls(
-                kernels=KernelModel.from_dict(d["kernels"]),  # type: ignore[arg-type]
-                constants=[float(v) for v in d["constants"]],  # type: ignore[union-attr]
-                terms=[str(t) for t in d["terms"]],  # type: ignore[union-attr]
-                device=str(d.get("device", "")),
-                n_labels=int(d.get("n_labels", 0)),  # type: ignore[call-overload]
-                fit_median_ape=float(d.get("fit_median_ape", math.nan)),  # type: ignore[arg-type]
-            )
+            kernels = KernelModel.from_dict(d["kernels"])  # type: ignore[arg-type]
+            return cls(kernels=kernels, **_parse_fit_fields(d))
         except KernelModelError as exc:
             raise LatencyError(str(exc)) from None
         except (KeyError, TypeError, ValueError) as exc:
