@@ -50,12 +50,18 @@ def _mean(d: dict[str, dict[str, Any]], specs: list[str], key: str) -> float:
 
 
 def tags(args: argparse.Namespace, family: str, task: str) -> dict[str, str]:
-    """The store tags of the three label sets compared (each bound to one recipe)."""
+    """The store tags of the three label sets compared (each bound to one recipe), named
+    after the oldest recipe that trains ``task`` as ``--recipe`` does
+    (:func:`aiop.tasks.recipes.label_tag`), so a task a newer recipe leaves unchanged reuses
+    the sets already made."""
+    from aiop.tasks.recipes import label_tag, task_recipe
+
+    name = task_recipe(args.recipe, task)
     head = f"p{args.pool}s{args.head_steps}{args.mode}"
     return {
-        "individual": f"individual-{args.recipe}",
-        "shared": f"shared-{args.recipe}-ft{args.ft_epochs}-s{args.seed}-{head}",
-        "scratch": f"scratch-{args.recipe}-ft{args.ft_epochs}-s{args.seed}",
+        "individual": label_tag(args.recipe, task),
+        "shared": f"shared-{name}-ft{args.ft_epochs}-s{args.seed}-{head}",
+        "scratch": f"scratch-{name}-ft{args.ft_epochs}-s{args.seed}",
     }
 
 
@@ -76,7 +82,7 @@ def _srcc(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]], specs: lis
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from aiop.tasks.labels import arch_specs, label_archs
-    from aiop.tasks.recipes import recipe_config
+    from aiop.tasks.recipes import recipe_config, task_recipe
     from aiop.tasks.shared_head import SharedHeadConfig, load_head, save_head, train_shared_head
 
     store = Path(args.store)
@@ -91,7 +97,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # 0..repeats-1): sharing a seed would share its noise and flatter the comparison
             short = replace(full, epochs=args.ft_epochs, repeats=1, seed=args.seed)
             head_tag = tg["shared"].rsplit("-", 1)[-1]
-            chkpt = Path(args.chkpt_dir) / f"{family}_{task}_{args.recipe}_{head_tag}.safetensors"
+            name = task_recipe(args.recipe, task)  # the checkpoint, like the tags, by task
+            chkpt = Path(args.chkpt_dir) / f"{family}_{task}_{name}_{head_tag}.safetensors"
             if not args.report_only:
                 if not chkpt.exists():
                     c0 = time.process_time()

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aiop.predictor.train import ACC_MODE
+from aiop.predictor.train import ACC_MODE, format_acc_mode
 
 LOG = logging.getLogger("run_gpi_acc_predictor")
 VARIANTS = ("noft", "ft", "kadapt_noft", "kadapt_ft")
@@ -78,8 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-kernel_model", default=None, help="kernel model JSON (default: this CPU's)")
     p.add_argument(
         "-acc_mode",
-        default=ACC_MODE,
-        help=f"task-label set (tag) of the accuracy targets, or 'any' (default {ACC_MODE})",
+        nargs="+",
+        default=None,
+        metavar="MODE",
+        help="task-label sets of the accuracy targets: 'any', one TAG for every task, or "
+        "TASK=TAG pairs replacing those tasks' defaults (default: each task's set under the "
+        f"current label recipe, {format_acc_mode(ACC_MODE)})",
     )
     p.add_argument("-epochs", type=int, default=60)
     p.add_argument("-batch_size", type=int, default=64)
@@ -134,11 +138,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from aiop.predictor.metrics import mean_std, regression_metrics, scatter_plot
     from aiop.predictor.train import (
         SplitError,
+        acc_tags,
         collect_predictions,
         families_of,
         finetune,
         load_samples,
         make_spec,
+        parse_acc_mode,
         split_by_family,
         targets_present,
     )
@@ -148,6 +154,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     try:
         make_spec(args.gnn)
+        acc_mode = ACC_MODE if args.acc_mode is None else parse_acc_mode(args.acc_mode)
+        args.acc_mode = format_acc_mode(acc_mode)  # canonical text in the result's args
         if not Path(args.cache_file).is_file():
             raise UsageError(f"no such store: {args.cache_file}")
         samples = load_samples(
@@ -157,7 +165,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             args.mode,
             latency_device=args.latency_device,
             latency_mode=args.latency_mode,
-            acc_mode=None if args.acc_mode == "any" else args.acc_mode,
+            acc_mode=acc_mode,
         )
         targets = targets_present(samples)
         for t in args.targets:
@@ -260,6 +268,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model_name": args.model_name,
         "args": {k: v for k, v in vars(args).items()},
         "targets": targets,
+        # the label set each accuracy target learnt from ("any": every set)
+        "acc_tags": acc_tags(acc_mode, [t[4:] for t in targets if t.startswith("acc:")]),
         "families": known,
         "split": split.describe(),
         "finetune_graphs": split.finetune_graphs,

@@ -2,8 +2,9 @@
 """Train architectures on tasks and store their task CGs and accuracy labels (AIO-P's script).
 
     # ground truth: architectures trained individually, from scratch, with the default
-    # label recipe (aiop.tasks.recipes); labels go to the tag individual-<recipe>
-    python scripts/run_train_cgs_on_task.py -family ofa_mbv3 -task detection \
+    # label recipe (aiop.tasks.recipes); each task's labels go to its own tag,
+    # label_tag(recipe, task): with v3, detection to individual-v2, pose to individual-v3
+    python scripts/run_train_cgs_on_task.py -family ofa_mbv3 -task detection pose \
         -start_idx 0 -num_archs 10 -cache_file data/task_labels.db
 
     # pseudo-labels: a short fine-tune from a shared head (run_train_head_on_task.py)
@@ -12,13 +13,17 @@
         -chkpt data/shared_heads/ofa_mbv3_detection_sampled.safetensors
 
 Several families and tasks may be given; architectures are the outer loop. A
-re-run skips (architecture, task) pairs already labelled under the tag, so a
+re-run skips (architecture, task) pairs already labelled under their tag, so a
 killed run resumes where it stopped. ``-recipe`` picks a named label recipe
-(``v1``, ``v2``; default :data:`aiop.tasks.recipes.DEFAULT_RECIPE`); the training
-flags override single settings of it. The default tag is ``individual-<recipe>``
-(``shared-<recipe>`` with ``-chkpt``), plus a hash of the overrides when there
-are any, so labels of different recipes never share a tag; an explicit ``-tag``
-whose labels were made with another recipe is refused.
+(:data:`aiop.tasks.recipes.LABEL_RECIPES`; default
+:data:`aiop.tasks.recipes.DEFAULT_RECIPE`); the training flags override single
+settings of it. Each task's default tag is
+:func:`aiop.tasks.recipes.label_tag`: ``individual-<name>`` of the oldest named
+recipe that trains the task as ``-recipe`` does (``shared-<name>`` with
+``-chkpt``), plus a hash of the overrides when there are any, so labels of
+different recipes never share a tag and a task the new recipe leaves unchanged
+keeps its old set. An explicit ``-tag`` names one set for every task; a run
+whose recipe differs from the labels the set already holds is refused.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from typing import Any
 
 from aiop.tasks.heads import DEFAULT_WIDTH, TASKS, HeadError
 from aiop.tasks.labels import DEFAULT_STORE, OneLineParser, arch_specs, label_archs
-from aiop.tasks.recipes import DEFAULT_RECIPE, LABEL_RECIPES, recipe_config
+from aiop.tasks.recipes import DEFAULT_RECIPE, LABEL_RECIPES, label_tag, recipe_config
 
 # flag -> TrainConfig field: each overrides one setting of the recipe when given
 OVERRIDES = {
@@ -55,7 +60,10 @@ def build_parser() -> OneLineParser:
         "-list", action="store_true", help="print the store's label sets (tag, task, family, count)"
     )
     p.add_argument(
-        "-tag", default=None, help="label set name (default individual-<recipe> / shared-<recipe>)"
+        "-tag",
+        default=None,
+        help="one label set for every task (default: per task, label_tag(recipe, task), "
+        "individual-<name> / shared-<name>)",
     )
     p.add_argument(
         "-recipe",
@@ -85,13 +93,24 @@ def build_parser() -> OneLineParser:
     return p
 
 
-def default_tag(recipe: str, overrides: dict[str, object], *, shared: bool) -> str:
-    """``individual-<recipe>`` / ``shared-<recipe>``, plus a hash of any overridden settings."""
-    tag = f"{'shared' if shared else 'individual'}-{recipe}"
+def default_tag(recipe: str, task: str, overrides: dict[str, object], *, shared: bool) -> str:
+    """``label_tag(recipe, task)`` (``individual-<name>`` / ``shared-<name>``), plus a hash of
+    any overridden settings."""
+    tag = label_tag(recipe, task, "shared" if shared else "individual")
     if overrides:
         blob = json.dumps(overrides, sort_keys=True)
         tag += "-" + hashlib.sha256(blob.encode()).hexdigest()[:6]
     return tag
+
+
+def describe_tags(tags: dict[str, str]) -> str:
+    """``tag T`` when every task shares one, else ``tags T1 (task, task), T2 (task)``."""
+    by_tag: dict[str, list[str]] = {}
+    for task, tag in tags.items():
+        by_tag.setdefault(tag, []).append(task)
+    if len(by_tag) == 1:
+        return f"tag {next(iter(by_tag))}"
+    return "tags " + ", ".join(f"{t} ({', '.join(ts)})" for t, ts in by_tag.items())
 
 
 def list_labels(args: Any) -> int:
@@ -162,13 +181,16 @@ def main(argv: list[str] | None = None) -> int:
         cfgs = {
             t: replace(recipe_config(args.recipe, t), seed=args.seed, **overrides) for t in tasks
         }
-        tag = args.tag or default_tag(args.recipe, overrides, shared=bool(args.chkpt))
+        tags = {
+            t: args.tag or default_tag(args.recipe, t, overrides, shared=bool(args.chkpt))
+            for t in tasks
+        }
         report = label_archs(
             args.cache_file,
             specs,
             tasks,
             cfgs,
-            tag=tag,
+            tag=tags,
             chkpts=chkpts,
             width=args.width,
             progress=not args.quiet,
@@ -183,11 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report.to_dict()))
     else:
         print(
-            f"tag {tag}: labelled {len(report.labelled)}, skipped {len(report.skipped)} "
-            f"(already labelled), failed {len(report.failed)}"
+            f"{describe_tags(tags)}: labelled {len(report.labelled)}, "
+            f"skipped {len(report.skipped)} (already labelled), failed {len(report.failed)}"
         )
         for spec, task, acc, sec in report.labelled:
-            print(f"  {spec:24s} {task:15s} acc {acc:.4f}  {sec:.1f} s")
+            print(f"  {spec:24s} {task:15s} {tags[task]:20s} acc {acc:.4f}  {sec:.1f} s")
     for spec, task, reason in report.failed[:10]:
         print(f"  failed {spec} {task}: {reason}", file=sys.stderr)
     return 1 if report.failed else 0

@@ -28,7 +28,14 @@ from pathlib import Path
 import torch
 
 from aiop.predictor.api import Predictor, PredictorError
-from aiop.predictor.train import load_samples, make_spec
+from aiop.predictor.train import (
+    ACC_MODE,
+    acc_tags,
+    format_acc_mode,
+    load_samples,
+    make_spec,
+    parse_acc_mode,
+)
 
 
 def _held_out(fingerprint: str, share: float) -> bool:
@@ -55,11 +62,20 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="kernel model JSON (default: package data aiop/data/kernel_model_cpu_1thread.json)",
     )
+    parser.add_argument(
+        "-acc_mode",
+        nargs="+",
+        default=None,
+        metavar="MODE",
+        help="task-label sets of acc targets: 'any', one TAG, or TASK=TAG pairs (default: "
+        "each task's set under the current label recipe)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # PyG's scatter ops crawl with 2 threads on a shared 2-core box
     try:
-        samples = load_samples(args.store, args.targets)
+        acc_mode = ACC_MODE if args.acc_mode is None else parse_acc_mode(args.acc_mode)
+        samples = load_samples(args.store, args.targets, acc_mode=acc_mode)
         if not samples:
             raise PredictorError(f"{args.store}: no labelled samples for {args.targets}")
         held = [s for s in samples if _held_out(s.cg.fingerprint, args.holdout)]
@@ -77,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             "families": sorted({s.family for s in samples}),
             "command": " ".join(["scripts/train_predictor.py", *(argv or sys.argv[1:])]),
         }
+        acc_tasks = sorted({t[4:] for s in samples for t in s.labels if t.startswith("acc:")})
+        if acc_tasks:  # the label set each accuracy target learnt from
+            predictor.meta["acc_mode"] = format_acc_mode(acc_mode)
+            predictor.meta["acc_tags"] = acc_tags(acc_mode, acc_tasks)
         if predictor.latency_model is not None:
             lm = predictor.latency_model
             predictor.meta["latency_model"] = {

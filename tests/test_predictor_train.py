@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,16 +24,23 @@ from aiop.predictor.api import Predictor, Sample
 from aiop.predictor.metrics import mean_std, regression_metrics
 from aiop.predictor.model import GNNSpec
 from aiop.predictor.train import (
+    ACC_MODE,
+    AccModeError,
     AnalyticPredictor,
     SplitError,
+    acc_tag,
+    acc_tags,
     evaluate,
     families_of,
     finetune,
+    format_acc_mode,
     leave_one_family_out,
     load_samples,
+    parse_acc_mode,
     parse_family_test,
     split_by_family,
 )
+from aiop.tasks.recipes import DEFAULT_RECIPE, label_tags
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ["bs=8", "bs=16,mb=4", "bs=8,freeze=0.5", "bs=16,opt=adam", "bs=8,method=last"]
@@ -244,6 +253,9 @@ def test_script_end_to_end(store_path, tmp_path, capsys):
     assert (out / "t_res_acc-cls.png").is_file()
     saved = Predictor.load(out / "t_seed0.safetensors")
     assert saved.targets == ["memory", "acc:cls"] and saved.spec.conv == "graphconv"
+    # the label set each accuracy target learnt from: cls is no aiop.tasks task, so untagged
+    assert result["acc_tags"] == {"cls": ""}
+    assert result["args"]["acc_mode"] == format_acc_mode(ACC_MODE)
 
 
 def test_benchmark_on_tiny_store(store_path, tmp_path):
@@ -276,6 +288,9 @@ def test_benchmark_on_tiny_store(store_path, tmp_path):
         (["-family_test", "res", "-targets", "speed"], "unknown target"),
         (["-family_test", "res", "-epochs", "0"], "-epochs"),
         (["-family_test", "res", "--bogus"], "unrecognized"),
+        (["-family_test", "res", "-acc_mode", "pose=a", "pose=b"], "names task 'pose' twice"),
+        (["-family_test", "res", "-acc_mode", "a", "b"], "more than one tag"),
+        (["-family_test", "res", "-acc_mode", "pose="], "malformed -acc_mode"),
     ],
 )
 def test_script_bad_flags_exit_2(store_path, tmp_path, capsys, flags, message):
@@ -296,16 +311,104 @@ def test_script_missing_store(tmp_path, capsys):
 
 
 def test_accuracy_labels_come_from_one_label_set(tmp_path):
-    """Pseudo-labels and other recipes' sets never mix into the ground truth."""
+    """Pseudo-labels and other recipes' sets never mix into the ground truth; each task reads
+    its own set (by default its set under the current label recipe)."""
     path = tmp_path / "acc.db"
     model = SmallCNN(width=8)
     cg = from_torch(model, (1, *model.input_size), name="cnn8")
     with Store(path) as store:
         fp = store.put_graph(cg, meta={"family": "cnn"})
-        store.put_task("cls", metric="acc")
-        store.put_label(fp, "", "acc", 0.40, task="cls")  # untagged (an imported cache)
-        store.put_label(fp, "", "acc", 0.55, task="cls", mode="individual-v2")
-        store.put_label(fp, "", "acc", 0.90, task="cls", mode="shared-v2-ft1")
-    assert load_samples(path, ["acc"])[0].labels["acc:cls"] == 0.55
-    assert load_samples(path, ["acc"], acc_mode="shared-v2-ft1")[0].labels["acc:cls"] == 0.90
-    assert load_samples(path, ["acc"], acc_mode="other")[0].labels["acc:cls"] == 0.40
+        for task in ("classification", "pose", "cls"):
+            store.put_task(task, metric="acc")
+        store.put_label(fp, "", "acc", 0.40, task="classification")  # untagged (imported)
+        store.put_label(fp, "", "acc", 0.55, task="classification", mode="individual-v2")
+        store.put_label(fp, "", "acc", 0.90, task="classification", mode="shared-v2-ft1")
+        store.put_label(fp, "", "acc", 0.20, task="pose", mode="individual-v2")
+        store.put_label(fp, "", "acc", 0.30, task="pose", mode="individual-v3")
+        store.put_label(fp, "", "acc", 0.10, task="cls")  # a task aiop.tasks does not train
+        store.put_label(fp, "", "acc", 0.15, task="cls", mode="individual-v2")
+
+    def acc(mode=ACC_MODE):
+        (sample,) = load_samples(path, ["acc"], acc_mode=mode)
+        return {k.split(":", 1)[1]: v for k, v in sample.labels.items()}
+
+    # the default: each task's set under the current recipe; unknown tasks: untagged labels
+    want = {t: ACC_MODE[t] for t in ("classification", "pose")}
+    assert want == label_tags(DEFAULT_RECIPE, ["classification", "pose"])
+    by_tag = {"individual-v2": {"classification": 0.55, "pose": 0.20},
+              "individual-v3": {"classification": 0.40, "pose": 0.30}}  # fmt: skip
+    got = acc()
+    assert got["cls"] == 0.10
+    for task, tag in want.items():
+        assert got[task] == by_tag[tag][task], (task, tag)
+    assert acc(dict(ACC_MODE)) == got  # a plain dict works as well
+    # recipe v3: classification as v2 (the committed results' set), pose its own
+    v3 = label_tags("v3", ["classification", "pose"])
+    assert acc(v3) == {"classification": 0.55, "pose": 0.30, "cls": 0.10}
+    # a plain string: that tag for every task (the old behaviour)
+    assert acc("individual-v2") == {"classification": 0.55, "pose": 0.20, "cls": 0.15}
+    assert acc("shared-v2-ft1")["classification"] == 0.90
+    assert acc("other") == {"classification": 0.40, "cls": 0.10}  # untagged only; no pose
+    # a mapping overrides the default for its tasks ("*": for every other task too)
+    assert acc({"pose": "individual-v2"}) == {**got, "pose": 0.20}
+    assert acc({"classification": "x"}) == {**got, "classification": 0.40}  # untagged only
+    assert acc({"*": "individual-v2", "pose": "individual-v3"}) == {
+        "classification": 0.55, "pose": 0.30, "cls": 0.15
+    }  # fmt: skip
+    every = acc(None)
+    assert acc("any") == every and acc({"*": "any"}) == every
+    assert every["classification"] in (0.40, 0.55, 0.90)
+
+
+def test_parse_acc_mode():
+    assert parse_acc_mode("any") is None and parse_acc_mode(["any"]) is None
+    assert parse_acc_mode(["individual-v2"]) == "individual-v2"
+    # pairs replace those tasks' defaults only
+    assert parse_acc_mode(["pose=individual-v2"]) == {"pose": "individual-v2"}
+    both = parse_acc_mode(["classification=a,pose=b"])
+    assert both == parse_acc_mode(["classification=a", "pose=b"])
+    assert both == {"classification": "a", "pose": "b"}
+    default_detection = ACC_MODE["detection"]
+    assert acc_tags(both, ["pose", "detection"]) == {"pose": "b", "detection": default_detection}
+    # a bare tag among pairs: every other task's set
+    mixed = parse_acc_mode(["individual", "pose=individual-v3"])
+    assert mixed == {"*": "individual", "pose": "individual-v3"}
+    assert acc_tags(mixed, ["pose", "detection"]) == {
+        "pose": "individual-v3", "detection": "individual"
+    }  # fmt: skip
+    assert acc_tags({"pose": "any"}, ["pose", "x"]) == {"pose": "any", "x": ""}
+    for mode in (None, "t", mixed, dict(ACC_MODE), {"pose": "any"}):
+        assert parse_acc_mode(format_acc_mode(mode)) == mode
+    for bad, message in [
+        ([""], "empty"),
+        ([" , "], "empty"),
+        (["a", "b"], "more than one tag"),
+        (["any", "pose=x"], None),  # "any" among pairs: every set of the other tasks
+        (["=x"], "malformed"),
+        (["pose="], "malformed"),
+        (["pose=a=b"], "malformed"),
+        (["pose=a", "pose=b"], "twice"),
+        (["pose=a b"], "bad task or tag"),
+        (["bad/tag"], "bad task or tag"),
+    ]:
+        if message is None:
+            assert acc_tag(parse_acc_mode(bad), "detection") is None
+            continue
+        with pytest.raises(AccModeError, match=message):
+            parse_acc_mode(bad)
+
+
+def test_train_predictor_bad_acc_mode_exit_2(store_path):
+    """A real process: exit status 2, one line on stderr, no traceback."""
+    script = ROOT / "scripts" / "train_predictor.py"
+    argv = ["-store", str(store_path), "-output", "/nonexistent/p.safetensors"]
+    out = subprocess.run(
+        [sys.executable, str(script), *argv, "-acc_mode", "pose=a", "pose=b"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert "names task 'pose' twice" in lines[0]

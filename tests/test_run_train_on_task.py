@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from aiop.cache import Store
-from aiop.tasks.recipes import DEFAULT_RECIPE
+from aiop.tasks.recipes import DEFAULT_RECIPE, label_tag
 
 ROOT = Path(__file__).resolve().parents[1]
 CGS = ROOT / "scripts" / "run_train_cgs_on_task.py"
@@ -59,8 +60,8 @@ def test_labels_then_resume_skips_finished(tmp_path: Path, capsys: pytest.Captur
     assert cgs.main([*base, "-num_archs", "1", "--num_epochs", "1"]) == 0
     # the default tag names the recipe and hashes the overridden settings
     overrides = {"resolution": 32, "n_train": 32, "n_val": 16, "batch_size": 16, "epochs": 1}
-    tag = cgs.default_tag(DEFAULT_RECIPE, overrides, shared=False)
-    assert tag.startswith(f"individual-{DEFAULT_RECIPE}-")
+    tag = cgs.default_tag(DEFAULT_RECIPE, "semantic", overrides, shared=False)
+    assert tag.startswith(f"{label_tag(DEFAULT_RECIPE, 'semantic')}-")
     assert f"tag {tag}: labelled 1, skipped 0" in capsys.readouterr().out
     one = _acc(db, "individual")
     assert list(one) == ["family:ofa_mbv3:0"] and 0.0 <= one["family:ofa_mbv3:0"] <= 1.0
@@ -76,6 +77,50 @@ def test_labels_then_resume_skips_finished(tmp_path: Path, capsys: pytest.Captur
         kinds = {r.kind for r in s.labels(graph=info.fingerprint)}
         assert {"acc", "mIoU"} <= kinds
         assert s.tasks()["semantic"]["metric"] == "mIoU"
+
+
+def _modes(store: Path) -> dict[str, set[str]]:
+    """task -> the tags its ``acc`` labels are filed under."""
+    with Store(store, readonly=True) as s:
+        out: dict[str, set[str]] = {}
+        for r in s.labels(kind="acc"):
+            out.setdefault(r.task, set()).add(r.mode)
+        return out
+
+
+def test_each_task_gets_its_recipes_tag(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """v3 trains classification as v2 does and pose its own way: one run of both tasks files
+    classification under individual-v2-<overrides> and pose under individual-v3-<overrides>;
+    an explicit -tag is one set for every task and still refuses another recipe."""
+    cgs = _script(CGS)
+    two = ("classification", "pose")
+    db = tmp_path / "two.db"
+    base = ["-family", "ofa_mbv3", "-task", "classification", "pose", "-cache_file", str(db)]
+    base += ["-recipe", "v3", "-num_archs", "1", "--num_epochs", "1", "-q", *TINY]
+    assert cgs.main([*base, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    overrides = {"resolution": 32, "n_train": 32, "n_val": 16, "batch_size": 16, "epochs": 1}
+    tags = {t: cgs.default_tag("v3", t, overrides, shared=False) for t in two}
+    assert tags["classification"].startswith("individual-v2-")
+    assert tags["pose"].startswith("individual-v3-")
+    assert tags["classification"].split("-")[-1] == tags["pose"].split("-")[-1]  # same overrides
+    assert report["tags"] == tags
+    assert {(x["task"], x["tag"]) for x in report["labels"]} == set(tags.items())
+    assert _modes(db) == {t: {tag} for t, tag in tags.items()}
+    # resumes per tag; the text report names each task's tag
+    assert cgs.main(base) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"tags {tags['classification']} (classification), {tags['pose']} (pose): "
+        "labelled 0, skipped 2"
+    ) in out
+    # an explicit -tag names one set for every task: a different recipe than the one it holds
+    # for pose is refused before any training
+    argv = [*base, "-tag", tags["pose"], "--num_epochs", "2"]
+    assert cgs.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"label set '{tags['pose']}' of task pose holds" in err[0]
+    assert _modes(db) == {t: {tag} for t, tag in tags.items()}  # nothing written
 
 
 @pytest.mark.slow

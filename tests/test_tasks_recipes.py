@@ -14,10 +14,12 @@ from aiop.tasks.recipes import (
     DEFAULT_RECIPE,
     LABEL_RECIPES,
     label_tag,
+    label_tags,
     recipe_config,
     recipe_id,
     recipe_name,
     reliability,
+    task_recipe,
 )
 from aiop.tasks.train import PRIMARY_METRIC, TrainConfig
 
@@ -160,3 +162,51 @@ def test_labels_can_be_measured_on_every_held_out_digit() -> None:
     assert [len(d) for d in some.datasets] == [100, 200]  # in proportion to 500 / 1000
     with pytest.raises(ValueError, match="unknown split 'tset'"):
         make_loader("classification", "val+tset", cfg, shuffle=False)
+
+
+def test_task_recipe_names_each_tasks_label_sets() -> None:
+    """The name a task's sets, checkpoints and files go by: the oldest named recipe training
+    the task the same way, for the default recipe as for any named one."""
+    for name in LABEL_RECIPES:
+        tags = label_tags(name)
+        assert set(tags) == set(PRIMARY_METRIC)
+        for task, tag in tags.items():
+            first = task_recipe(name, task)
+            assert tag == f"individual-{first}" == label_tag(name, task)
+            assert list(LABEL_RECIPES).index(first) <= list(LABEL_RECIPES).index(name)
+            assert recipe_config(first, task) == recipe_config(name, task)
+    assert label_tags("v3", ["pose"], kind="shared") == {"pose": "shared-v3"}
+    assert task_recipe("v3", "semantic") == "v2" and task_recipe("v1", "pose") == "v1"
+
+
+def test_label_archs_needs_a_tag_for_every_task(tmp_path: Path) -> None:
+    """A per-task tag mapping must name every task: refused before anything is trained."""
+    db = tmp_path / "n.db"
+    with pytest.raises(ValueError, match="no label tag for task 'pose'"):
+        label_archs(
+            db, ["family:ofa_pn:0"], ["classification", "pose"], TINY,
+            tag={"classification": "a"}, width=16, progress=False,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="non-empty one-line"):
+        label_archs(db, ["family:ofa_pn:0"], ["pose"], TINY, tag={"pose": ""}, progress=False)
+    assert not db.exists() or not inventory(db)
+
+
+def test_pseudo_label_benchmark_names_sets_per_task() -> None:
+    """benchmarks/pseudo_labels.py under v3 reuses v2's classification sets (those in
+    data/task_labels.db) and gives pose sets of its own."""
+    import argparse
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pseudo_labels.py"
+    spec = importlib.util.spec_from_file_location("pseudo_labels_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = argparse.Namespace(recipe="v3", pool=4, head_steps=200, mode="swap", ft_epochs=1, seed=7)
+    assert bench.tags(args, "ofa_mbv3", "classification") == {
+        "individual": "individual-v2",
+        "shared": "shared-v2-ft1-s7-p4s200swap",
+        "scratch": "scratch-v2-ft1-s7",
+    }
+    pose = bench.tags(args, "ofa_mbv3", "pose")
+    assert pose["individual"] == "individual-v3" and pose["shared"].startswith("shared-v3-")

@@ -20,6 +20,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Protocol
 
 import numpy as np
@@ -34,9 +35,24 @@ from aiop.predictor.model import GNNSpec
 
 log = logging.getLogger(__name__)
 
+# Which task-label set (the store's ``mode``, a tag) each task's accuracy targets learn from:
+# one tag for every task (a str), every set (None / "any"), or per task (a mapping that
+# overrides ACC_MODE: tasks it does not name take its ``ANY_TASK`` entry if any, else their
+# ACC_MODE set; "any" as a tag means every set of that task).
+AccMode = str | Mapping[str, str] | None
+ANY_TASK = "*"
+
+
+def default_acc_mode() -> dict[str, str]:
+    """Each task's ground truth under aiop.tasks' current recipe: ``label_tag(DEFAULT_RECIPE,
+    task)`` (with v3: ``individual-v2`` for classification, ``individual-v3`` for pose)."""
+    from aiop.tasks.recipes import DEFAULT_RECIPE, label_tags
+
+    return label_tags(DEFAULT_RECIPE)
+
+
+ACC_MODE: Mapping[str, str] = MappingProxyType(default_acc_mode())
 # Store label kinds that are not task metrics.
-# The task-label set accuracy targets learn from: ground truth of aiop.tasks' current recipe.
-ACC_MODE = "individual-v2"
 _NON_METRIC_KINDS = frozenset({"peak_memory_bytes", "latency_s", "flops", "params"})
 # Where each target's prediction sits in a ``Predictor.predict`` result.
 _PRED_KEYS = {"memory": "peak_memory_bytes", "latency": "latency_s", "flops": "flops_predicted"}
@@ -51,6 +67,81 @@ GNN_SETTINGS: dict[str, Any] = {
 
 class SplitError(ValueError):
     """A family split cannot be made (unknown family, malformed spec, too few architectures)."""
+
+
+class AccModeError(ValueError):
+    """A malformed ``-acc_mode`` (see :func:`parse_acc_mode`)."""
+
+
+# -- accuracy label sets ---------------------------------------------------------------------------
+_ACC_NAME = re.compile(r"^[A-Za-z0-9_.:+\-]+$")
+
+
+def acc_tag(acc_mode: AccMode, task: str) -> str | None:
+    """The label set ``task``'s metrics come from under ``acc_mode``: a tag, None for every
+    set, or ``""`` (untagged labels only) for a task neither the mapping nor :data:`ACC_MODE`
+    names (one aiop.tasks does not train, e.g. from an imported AIO-P cache)."""
+    if acc_mode is None or isinstance(acc_mode, str):
+        tag: str | None = acc_mode
+    elif task in acc_mode:
+        tag = acc_mode[task]
+    else:
+        tag = acc_mode.get(ANY_TASK, ACC_MODE.get(task, ""))
+    return None if tag == "any" else tag
+
+
+def acc_tags(acc_mode: AccMode, tasks: Sequence[str]) -> dict[str, str]:
+    """``{task: tag}`` of ``tasks`` for a result file (``"any"``: every set, ``""``: untagged
+    labels only)."""
+    out = {}
+    for task in tasks:
+        tag = acc_tag(acc_mode, task)
+        out[task] = "any" if tag is None else tag
+    return out
+
+
+def parse_acc_mode(items: str | Sequence[str]) -> AccMode:
+    """The scripts' ``-acc_mode``: ``any`` (every set: None), one ``TAG`` (that set for every
+    task: the str), or ``TASK=TAG`` pairs (space- or comma-separated: a mapping, whose tasks'
+    sets replace their :data:`ACC_MODE` ones); a bare ``TAG`` among pairs replaces every other
+    task's set as well (``individual pose=individual-v3``). ``TASK=any`` takes every set of
+    that task."""
+    given = [items] if isinstance(items, str) else list(items)
+    tokens = [t.strip() for item in given for t in item.split(",") if t.strip()]
+    usage = "expected any, TAG, or TASK=TAG[,TASK=TAG...]"
+    if not tokens:
+        raise AccModeError(f"-acc_mode is empty; {usage}")
+    bare = [t for t in tokens if "=" not in t]
+    if len(bare) > 1:
+        raise AccModeError(f"-acc_mode names more than one tag for every task: {', '.join(bare)}")
+    pairs: dict[str, str] = {}
+    for token in tokens:
+        if "=" not in token:
+            continue
+        task, _, tag = (x.strip() for x in token.partition("="))
+        if not task or not tag or "=" in tag:
+            raise AccModeError(f"malformed -acc_mode item {token!r}; {usage}")
+        if task in pairs:
+            raise AccModeError(f"-acc_mode names task {task!r} twice")
+        pairs[task] = tag
+    for name in [*bare, *pairs, *pairs.values()]:
+        if name != ANY_TASK and not _ACC_NAME.match(name):
+            raise AccModeError(f"-acc_mode: bad task or tag {name!r}; {usage}")
+    if not pairs:
+        return None if bare[0] == "any" else bare[0]
+    return {ANY_TASK: bare[0], **pairs} if bare else pairs
+
+
+def format_acc_mode(acc_mode: AccMode) -> str:
+    """The canonical ``-acc_mode`` text of ``acc_mode`` (:func:`parse_acc_mode`'s inverse)."""
+    if acc_mode is None:
+        return "any"
+    if isinstance(acc_mode, str):
+        return acc_mode
+    items = [f"{t}={g}" for t, g in sorted(acc_mode.items()) if t != ANY_TASK]
+    if ANY_TASK in acc_mode:
+        items.insert(0, acc_mode[ANY_TASK])
+    return ",".join(items)
 
 
 # -- loading ------------------------------------------------------------------------------------
@@ -75,7 +166,7 @@ def load_samples(
     latency_device: str = "cpu",
     latency_mode: str = "real",
     families: Sequence[str] | None = None,
-    acc_mode: str | None = ACC_MODE,
+    acc_mode: AccMode = ACC_MODE,
 ) -> list[Sample]:
     """Samples of every (graph, configuration) with a label for one of ``targets``.
 
@@ -84,15 +175,17 @@ def load_samples(
     CPU runs); ``flops`` and ``acc:<task>`` are per-architecture labels (config
     ``''``) joined onto every configuration of their graph; ``acc`` stands for
     every task in the store. A graph with only per-architecture labels gets
-    one sample at the default configuration. Task metrics come from the label set
-    (the store's ``mode``: a tag such as ``individual-v2``) ``acc_mode`` names, plus
+    one sample at the default configuration. A task's metrics come from the label set
+    (the store's ``mode``: a tag such as ``individual-v2``) ``acc_mode`` names for it
+    (:func:`acc_tag`; by default each task's set under the current label recipe), plus
     untagged labels (imported AIO-P caches), the tagged set winning where both exist —
     sets made by other recipes or by pseudo-labelling never mix — or from every set
-    when it is None. Missing targets are simply absent from ``Sample.labels``. Order: by graph
-    fingerprint, then config spec.
+    when it is None or ``"any"``. Missing targets are simply absent from
+    ``Sample.labels``. Order: by graph fingerprint, then config spec.
     """
     from aiop.cache import Store
 
+    tag_of: dict[str, str | None] = {}  # task -> its set (acc_tag), looked up once per task
     with Store(store_path, readonly=True) as store:
         task_meta = store.tasks()
         metric_rows: dict[tuple[str, str], dict[str, float]] = {}  # (graph, task) -> kind -> v
@@ -103,11 +196,12 @@ def load_samples(
                 # the profiler's own count (task '') wins over an imported per-task one
                 if lab.task == "" or "flops" not in graph_labels.get(lab.graph, {}):
                     graph_labels.setdefault(lab.graph, {})["flops"] = lab.value
-            elif (
-                lab.kind not in _NON_METRIC_KINDS
-                and lab.task
-                and (acc_mode is None or lab.mode in (acc_mode, ""))
-            ):
+            elif lab.kind not in _NON_METRIC_KINDS and lab.task:
+                if lab.task not in tag_of:
+                    tag_of[lab.task] = acc_tag(acc_mode, lab.task)
+                tag = tag_of[lab.task]
+                if tag is not None and lab.mode not in (tag, ""):
+                    continue
                 metric_rows.setdefault((lab.graph, lab.task), {})[lab.kind] = lab.value
         tasks = sorted({task for _, task in metric_rows})
         wanted = _expand_targets(targets, tasks)

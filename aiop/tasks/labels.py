@@ -20,7 +20,9 @@ validation split and stores, in one transaction, the graph and its labels:
 One tag, one recipe: labels made with different settings measure different
 things, so a run whose recipe differs from the labels a tag already holds for
 the task is refused (:class:`RecipeMismatch`) instead of mixing or overwriting
-them; the scripts' default tag names the recipe (``individual-v2``).
+them. The tag may differ per task: the scripts' default is each task's
+:func:`aiop.tasks.recipes.label_tag` (recipe ``v3`` writes classification labels
+to ``individual-v2``, pose labels to ``individual-v3``).
 
 Resumable: an architecture whose ``acc`` label exists for (task, tag) is
 skipped, so a killed run loses at most the architecture in training.
@@ -80,14 +82,22 @@ class LabelReport:
     labelled: list[tuple[str, str, float, float]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     failed: list[tuple[str, str, str]] = field(default_factory=list)  # spec, task, reason
+    tags: dict[str, str] = field(default_factory=dict)  # task -> the tag its labels went to
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "labelled": len(self.labelled),
             "skipped": len(self.skipped),
             "failed": len(self.failed),
+            "tags": dict(self.tags),
             "labels": [
-                {"model": s, "task": t, "acc": round(a, 4), "seconds": round(sec, 1)}
+                {
+                    "model": s,
+                    "task": t,
+                    "tag": self.tags.get(t),
+                    "acc": round(a, 4),
+                    "seconds": round(sec, 1),
+                }
                 for s, t, a, sec in self.labelled
             ],
             "failures": [{"model": s, "task": t, "reason": r} for s, t, r in self.failed],
@@ -123,6 +133,16 @@ def task_config(cfg: TrainConfig | Mapping[str, TrainConfig], task: str) -> Trai
     if task not in cfg:
         raise HeadError(f"no training config for task {task!r}")
     return cfg[task].for_task(task)
+
+
+def task_tag(tag: str | Mapping[str, str], task: str) -> str:
+    """The label set of ``task``: ``tag`` itself, or its entry for the task (checked)."""
+    one = tag if isinstance(tag, str) else tag.get(task)
+    if one is None:
+        raise HeadError(f"no label tag for task {task!r}")
+    if not one or "\n" in one:
+        raise HeadError("-tag must be a non-empty one-line string")
+    return one
 
 
 def label_recipe_id(extra: dict[str, Any], task: str) -> str | None:
@@ -169,16 +189,17 @@ def label_archs(
     tasks: Sequence[str],
     cfg: TrainConfig | Mapping[str, TrainConfig],
     *,
-    tag: str = "individual",
+    tag: str | Mapping[str, str] = "individual",
     chkpts: dict[str, tuple[dict[str, Any], dict[str, Any]]] | None = None,
     width: int = DEFAULT_WIDTH,
     progress: bool = True,
     on_label: Callable[[str, str, float], None] | None = None,
 ) -> LabelReport:
-    """Label every (spec, task) that lacks an ``acc`` label for ``tag``; see the module doc.
+    """Label every (spec, task) that lacks an ``acc`` label for its tag; see the module doc.
 
     ``cfg`` is one training config for every task or one per task (a recipe,
-    :func:`aiop.tasks.recipes.recipe_config`). ``chkpts`` maps a task to
+    :func:`aiop.tasks.recipes.recipe_config`); ``tag`` likewise one label set for every
+    task or one per task (:func:`aiop.tasks.recipes.label_tags`). ``chkpts`` maps a task to
     ``(head state, metadata)`` of a shared head
     (:func:`aiop.tasks.shared_head.load_head`): those tasks start from it.
     Architectures are the outer loop, so an interrupted run covers every task evenly.
@@ -191,10 +212,9 @@ def label_archs(
 
     for t in tasks:
         check_task(t)
-    if not tag or "\n" in tag:
-        raise HeadError("-tag must be a non-empty one-line string")
+    tags = {t: task_tag(tag, t) for t in tasks}
     chkpts = chkpts or {}
-    report = LabelReport()
+    report = LabelReport(tags=tags)
     work = [(s, t) for s in specs for t in tasks]
     cfgs = {t: task_config(cfg, t) for t in tasks}
     rids = {
@@ -208,7 +228,7 @@ def label_archs(
     }
     with Store(cache_file) as store:
         for t in tasks:  # before any training: a mismatch must cost nothing
-            check_recipe(store, t, tag, rids[t])
+            check_recipe(store, t, tags[t], rids[t])
         for t in tasks:
             store.put_task(
                 t,
@@ -218,7 +238,9 @@ def label_archs(
                     "resolution": cfgs[t].resolution,
                 },
             )
-        bar = tqdm(work, desc=f"labels ({tag})", disable=not progress)
+        names = sorted(set(tags.values()))
+        desc = names[0] if len(names) == 1 else f"{len(names)} tags"
+        bar = tqdm(work, desc=f"labels ({desc})", disable=not progress)
         for spec, task in bar:
             bar.set_postfix_str(f"{spec} {task}")
             tcfg = cfgs[task]
@@ -229,7 +251,7 @@ def label_archs(
                 name = f"{spec}+{task}"
                 cg = task_graph(model, name)
                 if store.has_graph(cg.fingerprint) and store.has_label(
-                    cg.fingerprint, "", ACC_KIND, task=task, mode=tag
+                    cg.fingerprint, "", ACC_KIND, task=task, mode=tags[task]
                 ):
                     report.skipped.append((spec, task))
                     continue
@@ -268,7 +290,9 @@ def label_archs(
             }
             with store.transaction():
                 fp = store.put_graph(cg, name=name, meta=meta)
-                store.put_labels(fp, "", labels, task=task, mode=tag, tool_version=tool_version())
+                store.put_labels(
+                    fp, "", labels, task=task, mode=tags[task], tool_version=tool_version()
+                )
             report.labelled.append((spec, task, primary, result.seconds))
             if on_label is not None:
                 on_label(spec, task, primary)

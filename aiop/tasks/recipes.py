@@ -12,10 +12,11 @@ seed-noise study chose (``benchmarks/task_labels.py --noise``): classification
 labels are the mean of two 1-epoch trainings measured on all 500 validation
 digits, pose trains on 600 figures (the largest ofa_resnet backbones ran past
 60 s), the scene tasks keep ``v1``'s training and are measured on 500 validation
-scenes (their seed noise is already smaller than the spread between architectures). ``v3``
-is ``v2`` with a pose setting that fits one CPU minute on the largest ofa_resnet
-(``benchmarks/results/task_labels_v3_pose.md``); every other task trains as under
-``v2``, so its recipe id, and the labels already made with it, stay the same.
+scenes (their seed noise is already smaller than the spread between architectures). ``v3``,
+the default (:data:`DEFAULT_RECIPE`), is ``v2`` with a pose setting that fits one CPU
+minute on the largest ofa_resnet (``benchmarks/results/task_labels_v3_pose.md``); every
+other task trains as under ``v2``, so its recipe id, and the labels already made with it,
+stay the same.
 
 A named recipe never changes once labels exist (``tests/test_tasks_recipes.py`` pins
 every named recipe's id per task): a new setting is a new name. The default tag of
@@ -23,7 +24,10 @@ a recipe for a task, :func:`label_tag`, is ``individual-<name>`` of the oldest
 named recipe that trains the task the same way (or ``individual-<hash>`` for an
 unnamed one), so labels made by different recipes never share a tag, and labels
 made by the same recipe share one whatever the recipe's name (``v3``'s
-classification labels join ``individual-v2``).
+classification labels join ``individual-v2``). Every label writer and reader goes by it
+per task (:func:`label_tags`): ``run_train_cgs_on_task.py``'s default tags, the
+predictor's :data:`aiop.predictor.train.ACC_MODE`, the label benchmarks; a new recipe
+therefore needs nothing but its entry in :data:`LABEL_RECIPES` (and its pinned ids).
 
 :func:`reliability` is the study's statistic: with every architecture trained
 under several seeds, the intraclass correlation ICC(1) is the share of a
@@ -95,9 +99,12 @@ def _v3(task: str) -> TrainConfig:
 
 
 LABEL_RECIPES: dict[str, Any] = {"v1": _v1, "v2": _v2, "v3": _v3}
-# Stays v2 until every label writer and reader names its set per task with label_tag
-# (run_train_cgs_on_task.py and the predictor's ACC_MODE still use one tag for all tasks).
-DEFAULT_RECIPE = "v2"
+# The recipe labels are made with and the predictor learns from. Every writer and reader
+# names its label set per task with label_tag (run_train_cgs_on_task.py's default tags,
+# aiop.predictor.train.ACC_MODE, the benchmarks), so changing it moves only the tasks the
+# new recipe trains differently onto new sets: v3's pose labels go to individual-v3, every
+# other task keeps reading and writing individual-v2.
+DEFAULT_RECIPE = "v3"
 
 
 def recipe_config(name: str, task: str) -> TrainConfig:
@@ -154,13 +161,29 @@ def recipe_name(cfg: TrainConfig, task: str, width: int) -> str:
     return rid
 
 
+def task_recipe(name: str, task: str) -> str:
+    """The oldest named recipe that trains ``task`` as recipe ``name`` does (``v2`` for
+    ``("v3", "classification")``, ``v3`` for ``("v3", "pose")``): what names the task's label
+    sets, checkpoints and files, so that an unchanged task keeps its old ones."""
+    from aiop.tasks.heads import DEFAULT_WIDTH
+
+    return recipe_name(recipe_config(name, task), task, DEFAULT_WIDTH)
+
+
 def label_tag(name: str, task: str, kind: str = "individual") -> str:
     """The default label-set tag of recipe ``name`` for ``task``: ``<kind>-<first named
     recipe that trains the task the same way>`` (``label_tag("v3", "classification")`` is
     ``individual-v2``, ``label_tag("v3", "pose")`` is ``individual-v3``)."""
-    from aiop.tasks.heads import DEFAULT_WIDTH
+    return f"{kind}-{task_recipe(name, task)}"
 
-    return f"{kind}-{recipe_name(recipe_config(name, task), task, DEFAULT_WIDTH)}"
+
+def label_tags(
+    name: str, tasks: Sequence[str] | None = None, kind: str = "individual"
+) -> dict[str, str]:
+    """``{task: label_tag(name, task, kind)}`` for ``tasks`` (default: every task)."""
+    from aiop.tasks.heads import TASKS
+
+    return {t: label_tag(name, t, kind) for t in (TASKS if tasks is None else tasks)}
 
 
 def with_recipe(cfg: TrainConfig, name: str, task: str) -> TrainConfig:
