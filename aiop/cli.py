@@ -252,7 +252,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a command that stopped because its output's reader went away (``aiop … | head``)
+# exits with: 128 + SIGPIPE, the status a shell reports for a Unix tool that SIGPIPE killed,
+# so ``set -o pipefail`` scripts see the same as with ``cat``/``yes``, and it stays
+# distinct from 0 (all output delivered), 1 (a crash) and 2 (bad input).
+EXIT_BROKEN_PIPE = 141
+
+
+def _silence_stdout() -> None:
+    """Point file descriptor 1 at ``os.devnull``: what is still buffered in ``sys.stdout``
+    then goes nowhere at the interpreter's final flush instead of raising
+    ``BrokenPipeError`` again (the idiom in Python's ``signal`` module documentation)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a real file (a test's capture): nothing will flush into a pipe
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``aiop`` command; returns its exit status.
+
+    A closed standard output (``aiop predict … --json | head -1``) ends the command
+    quietly with :data:`EXIT_BROKEN_PIPE`, without a traceback.
+    """
+    try:
+        try:
+            status = _main(argv)
+        except SystemExit:
+            # argparse's --help, --version and usage errors: their output is still in
+            # the buffer; flush it here, where a closed pipe can be caught
+            sys.stdout.flush()
+            raise
+        # the output usually reaches the pipe only now (a pipe is block-buffered)
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

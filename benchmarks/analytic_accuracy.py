@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import platform
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -33,6 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script or loaded by a test
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_results
 
 RESULTS = Path(__file__).parent / "results"
 GRID_FILE = RESULTS / "analytic_grid_profiles.json"
@@ -347,6 +352,7 @@ def main() -> None:
     parser.add_argument("--grid-budget-s", type=float, default=540.0)
     parser.add_argument("--baseline", default=None, help="an earlier result JSON to compare")
     parser.add_argument("--name", default="analytic_accuracy")
+    parser.add_argument("--out", default=str(RESULTS), help="folder of the result files")
     parser.add_argument("--worst", type=int, default=15)
     parser.add_argument("--speed", action="store_true", help="also time estimates per second")
     args = parser.parse_args()
@@ -373,8 +379,7 @@ def main() -> None:
     if args.speed:
         result["speed"] = speed()
     baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else None
-    _atomic_write(RESULTS / f"{args.name}.json", json.dumps(result, indent=1))
-    _atomic_write(RESULTS / f"{args.name}.md", to_markdown(result, baseline))
+    write_results(args.out, args.name, result, to_markdown(result, baseline), indent=1)
     for name, res in result["sources"].items():
         o = res["overall"]
         print(

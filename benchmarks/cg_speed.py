@@ -4,16 +4,16 @@
   export in memory + import), and the import alone. Target: under 2 s.
 * ``to_pyg`` of a 1,000-node CG. Target: under 50 ms.
 
-Writes ``benchmarks/results/cg_speed.json`` and ``.md``. Run:
-``.venv/bin/python benchmarks/cg_speed.py [--repeats 5]``.
+Writes ``cg_speed.json`` and ``.md`` in ``--out`` (default ``benchmarks/results``).
+Run: ``.venv/bin/python benchmarks/cg_speed.py [--repeats 5] [--out DIR]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +21,10 @@ import torch
 from torch import nn
 
 from aiop.cg import export_onnx_bytes, from_onnx, from_torch, to_pyg
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script or loaded by a test
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_results
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -55,6 +59,7 @@ def timed(fn, repeats: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=str(RESULTS), help="folder of the result files")
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -94,8 +99,6 @@ def main() -> None:
             "target_ms": 50.0,
         },
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cg_speed.json").write_text(json.dumps(result, indent=2))
     r, p = result["resnet50"], result["to_pyg"]
     md = "\n".join(
         [
@@ -108,7 +111,7 @@ def main() -> None:
             f"| `to_pyg` of a {p['nodes']}-node CG | {p['median_ms']:.1f} ms | < 50 ms |",
         ]
     )
-    (RESULTS / "cg_speed.md").write_text(md + "\n")
+    write_results(args.out, "cg_speed", result, md)
     print(md)
 
 

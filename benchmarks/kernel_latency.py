@@ -14,12 +14,15 @@ Optimizer kinds are judged the same way on their ``step`` time. Writes
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script or loaded by a test
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_results
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -116,11 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-out", default=str(RESULTS))
     args = parser.parse_args(argv)
     result = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
     md = _markdown(result)
-    (out / f"{args.name}.md").write_text(md)
+    write_results(args.out, args.name, result, md, indent=1)
     print(md)
     return 0
 

@@ -51,6 +51,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,10 @@ from aiop.mpopt.planner import (
     step_gflops,
 )
 from aiop.profiler.memory import measure_memory
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script or loaded by a test
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_results
 
 RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "mpopt.json"
@@ -756,7 +761,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     predictor = load_predictor(args.predictor)
-    out = Path(args.out)
+    # --out names the JSON; the Markdown goes beside it with the same stem
+    out_dir, stem = Path(args.out).parent, Path(args.out).with_suffix("").name
+    out = out_dir / f"{stem}.json"
     result = json.loads(out.read_text()) if out.is_file() else {}
     # the command of the layout before per-part commands belonged to its violations part
     legacy = result.pop("command", None)
@@ -767,16 +774,9 @@ def main() -> None:
         for k, v in vars(args).items()
         if v is not None and k != "out"
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(result, indent=2, default=str))
-        tmp.replace(out)
-        md = out.with_suffix(".md")
-        md_tmp = md.with_suffix(".md.tmp")
-        md_tmp.write_text(markdown(result))
-        md_tmp.replace(md)
+        write_results(out_dir, stem, result, markdown(result), default=str)
 
     if "violations" in args.parts:
         t0 = time.perf_counter()

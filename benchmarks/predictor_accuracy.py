@@ -20,7 +20,6 @@ data/labels.db] [-epochs 60] [-seeds 1]``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import platform
@@ -32,6 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script or loaded by a test
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_results
 
 RESULTS = Path(__file__).parent / "results"
 FAMILIES = ("ofa_mbv3", "ofa_pn", "ofa_resnet", "zoo")
@@ -218,13 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     out = run(args)
     out["seconds"] = round(time.perf_counter() - t0, 1)
-    base = Path(args.out)
-    base.parent.mkdir(parents=True, exist_ok=True)
-    base.with_suffix(".json").write_text(json.dumps(out, indent=1, allow_nan=True))
+    base = Path(args.out)  # a path without suffix: BASE.json and BASE.md
     md = to_markdown(out)
-    base.with_suffix(".md").write_text(md + "\n")
+    write_results(base.parent, base.with_suffix("").name, out, md, indent=1)
     print(md)
-    print(f"wrote {base.with_suffix('.json')} and .md in {out['seconds']} s")
+    print(f"took {out['seconds']} s")
     return 0
 
 

@@ -29,7 +29,6 @@ held-out architectures), and the fitted constants. Writes
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import random
@@ -42,6 +41,10 @@ from typing import Any
 
 import numpy as np
 import torch
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script or loaded by a test
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_results
 
 RESULTS = Path(__file__).parent / "results"
 SETTINGS = ("kernels", "default", "analytic", "terms_gnn", "aiop")
@@ -369,9 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         unit="s",
         log_scale=True,
     )
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
     md = _markdown(result)
-    (out / f"{args.name}.md").write_text(md)
+    write_results(out, args.name, result, md, indent=1)
     print(md)
     return 0
 

@@ -2,17 +2,18 @@
 against the meta-mode profiler on the same machine, in one run.
 
     .venv/bin/python benchmarks/predictor_speed.py [--predictor FILE] [--configs 4096 16384]
+        [--out DIR]
 
-Writes ``benchmarks/results/predictor_speed.json`` and ``.md``. Without a
-predictor file it fits a tiny one on analytic labels (speed does not depend on
-the weights).
+Writes ``predictor_speed.json`` and ``.md`` in ``--out`` (default
+``benchmarks/results``). Without a predictor file it fits a tiny one on analytic
+labels (speed does not depend on the weights).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +25,10 @@ from aiop.predictor.analytic import estimate_memory
 from aiop.predictor.api import Predictor, Sample
 from aiop.predictor.model import GNNSpec
 from aiop.profiler import profile
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script or loaded by a test
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_results
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -47,6 +52,7 @@ def main() -> None:
     parser.add_argument("--configs", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--profiles", type=int, default=5, help="meta-mode profiles to time")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per grid (median)")
+    parser.add_argument("--out", default=str(RESULTS), help="folder of the result files")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cg = graph_for_model(args.model)
@@ -93,8 +99,6 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "runs": rows,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "predictor_speed.json").write_text(json.dumps(result, indent=2))
     md = "| graph | configs (distinct freeze/ckpt/method) | predictions/s (wall) "
     md += "| predictions per CPU-second | meta profile | speed-up (wall) |\n"
     md += "|---|---|---|---|---|---|\n"
@@ -104,7 +108,7 @@ def main() -> None:
             f"{r['predictions_per_s']:,.0f} | {r['predictions_per_cpu_s']:,.0f} | "
             f"{per_profile:.2f} s | {r['speedup']:,.0f}× |\n"
         )
-    (RESULTS / "predictor_speed.md").write_text(md)
+    write_results(args.out, "predictor_speed", result, md)
     print(md)
 
 

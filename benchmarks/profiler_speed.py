@@ -17,10 +17,10 @@ Writes ``benchmarks/results/profiler_speed.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,10 @@ from tqdm import tqdm
 from aiop.mconfig import MConfig, make_optimizer, prepare
 from aiop.models import ZOO_NAMES, build
 from aiop.profiler import profile, tool_version
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script or loaded by a test
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_results
 
 log = logging.getLogger("profiler_speed")
 
@@ -234,10 +238,7 @@ def main() -> None:
     }
     result["speed"] = speed([224, 64], 1 if args.quick else args.repeats + 1)
     result["zoo"] = zoo(names, args.resolution)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "profiler_speed.json").write_text(json.dumps(result, indent=1))
-    (args.out / "profiler_speed.md").write_text(markdown(result))
-    log.info("wrote %s", args.out / "profiler_speed.md")
+    write_results(args.out, "profiler_speed", result, markdown(result), indent=1)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,10 @@ import httpx
 from aiop.service.client import wait_until_healthy
 from aiop.service.errors import RemoteUnavailable
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script or loaded by a test
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_results
+
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -269,9 +273,7 @@ def main() -> None:
             "note": "client and server on one machine, loopback",
         },
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    out = Path(args.out)  # OUT.json, and OUT.md beside it
     lat = result["latency_ms"]
     md = [
         "# Service load (`benchmarks/service_load.py`)",
@@ -293,7 +295,7 @@ def main() -> None:
         + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in record["targets"].items()),
         "",
     ]
-    out.with_suffix(".md").write_text("\n".join(md))
+    write_results(out.parent, out.with_suffix("").name, record, "\n".join(md))
     print(json.dumps(record, indent=2))
 
 

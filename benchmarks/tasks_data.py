@@ -19,12 +19,11 @@ average is recorded beside the figures, since other work shares the cores.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
 import statistics
-import tempfile
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +35,10 @@ from torch.utils.data import DataLoader, Dataset
 from aiop.tasks.data import _classification, build_dataset, collate_fn
 from aiop.tasks.pose import PoseConfig, generate_figures
 from aiop.tasks.scenes import SceneConfig, generate_scenes
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script or loaded by a test
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_results
 
 RESULTS = Path(__file__).parent / "results"
 TARGET_SCENES_PER_S = 1000.0
@@ -82,18 +85,12 @@ def _loader_pass(ds: Dataset, task: str) -> int:
     return seen
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1000, help="scenes / figures per run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--resolutions", default="32,64,128")
+    parser.add_argument("--out", default=str(RESULTS), help="folder of the result files")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
@@ -142,8 +139,6 @@ def main() -> None:
         "target_scenes_per_s_at_64": TARGET_SCENES_PER_S,
         "rows": rows,
     }
-    RESULTS.mkdir(exist_ok=True)
-    _write_atomic(RESULTS / "tasks_data.json", json.dumps(result, indent=2) + "\n")
     lines = [
         f"Command: `{result['command']}`; 1-min load average at the end: "
         f"{result['machine']['load_average_1min_at_end']:.2f} on {os.cpu_count()} CPUs.",
@@ -161,7 +156,7 @@ def main() -> None:
     lines.append("")
     lines.append(f"Target: ≥ {TARGET_SCENES_PER_S:.0f} scenes/s generated at R = 64.")
     md = "\n".join(lines) + "\n"
-    _write_atomic(RESULTS / "tasks_data.md", md)
+    write_results(args.out, "tasks_data", result, md)
     print(md)
 
 

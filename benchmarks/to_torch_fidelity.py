@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 import warnings
@@ -31,6 +30,10 @@ from tqdm import tqdm
 
 from aiop.cg import from_torch
 from aiop.cg.to_torch import to_torch
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script or loaded by a test
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import atomic_write_text, write_results
 
 log = logging.getLogger("to_torch_fidelity")
 
@@ -182,7 +185,7 @@ def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 def rewrite_markdown(out: Path) -> None:
     """Re-render the Markdown from the JSON (after a change to the table's layout)."""
     data = json.loads((out / "to_torch_fidelity.json").read_text())
-    _write_atomic(out / "to_torch_fidelity.md", to_markdown(data["rows"], data["meta"]))
+    atomic_write_text(out / "to_torch_fidelity.md", to_markdown(data["rows"], data["meta"]))
 
 
 def main() -> None:
@@ -247,17 +250,10 @@ def main() -> None:
         ),
         "wall_s": round(time.perf_counter() - t_start),
     }
-    data = json.dumps({"meta": meta, "rows": rows}, indent=1)
-    _write_atomic(out / "to_torch_fidelity.json", data)
-    _write_atomic(out / "to_torch_fidelity.md", to_markdown(rows, meta))
+    md = to_markdown(rows, meta)
+    write_results(out, "to_torch_fidelity", {"meta": meta, "rows": rows}, md, indent=1)
     journal.unlink(missing_ok=True)
-    print(to_markdown(rows, meta))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    print(md)
 
 
 if __name__ == "__main__":

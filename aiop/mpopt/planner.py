@@ -57,7 +57,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from aiop.cg.graph import ComputeGraph
 from aiop.mconfig import MConfig, MSpace
-from aiop.mconfig.config import node_blocks
+from aiop.mconfig.config import CGPlanner, node_blocks
 from aiop.mpopt.device import Device, DeviceError, get_device
 
 log = logging.getLogger(__name__)
@@ -369,11 +369,14 @@ def frozen_shares(cg: ComputeGraph, freezes: Sequence[float]) -> dict[float, flo
     """
     total = sum(n.params or 0 for n in cg.nodes)
     out: dict[float, float] = {}
+    planner: CGPlanner | None = None  # one per graph: its layers and blocks are read once
     for f in sorted(set(freezes)):
         if f <= 0 or total <= 0:
             out[f] = 0.0 if f <= 0 else float(f)
             continue
-        trainable = MConfig(batch_size=1, freeze=f).node_flags(cg)["trainable"]
+        if planner is None:
+            planner = CGPlanner(cg)
+        trainable = planner.node_flags(MConfig(batch_size=1, freeze=f))["trainable"]
         frozen = sum(n.params or 0 for n, t in zip(cg.nodes, trainable) if not t)
         out[f] = frozen / total
     return out

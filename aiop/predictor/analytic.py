@@ -976,36 +976,37 @@ def simulate_both(
     free_f, free_h = free_after
     fixed_saver_h = modes[1][3]
     live_f, live_h = live_saved
+
+    # the appends bound once: the helper runs per timeline point, and the saved method
+    # lookups pay for the call it adds over the inlined code it replaces
+    add_act_f, add_fixed_f = act_f.append, fixed_f.append
+    add_act_h, add_fixed_h = act_h.append, fixed_h.append
+
+    def point(seg: int | None, at: int, act_f0: int, act_h0: int, fixed_h0: int) -> None:
+        """One backward timeline point of both modes: the live saved tensors and gradients
+        (``act_*0``, ``fixed_h0``) plus, inside a recomputed segment, what its
+        recomputation up to node ``at`` holds."""
+        if seg is None:
+            add_act_f(act_f0)
+            add_fixed_f(0)
+            add_act_h(act_h0)
+            add_fixed_h(fixed_h0)
+        else:
+            rf = recomputed_alive(0, seg, at)
+            rh = recomputed_alive(1, seg, at)
+            add_act_f(act_f0 + rf[0])
+            add_fixed_f(rf[1])
+            add_act_h(act_h0 + rh[0])
+            add_fixed_h(fixed_h0 + rh[1])
+
     for i, gf, gh, half_grad, after_f, after_h in walk.points:
         seg = segments_of_node[i]
-        if seg is None:
-            act_f.append(live_f + gf)
-            fixed_f.append(0)
-            act_h.append(live_h + gh)
-            fixed_h.append(live_fixed + half_grad)
-        else:
-            rf = recomputed_alive(0, seg, i)
-            rh = recomputed_alive(1, seg, i)
-            act_f.append(live_f + gf + rf[0])
-            fixed_f.append(rf[1])
-            act_h.append(live_h + gh + rh[0])
-            fixed_h.append(live_fixed + half_grad + rh[1])
+        point(seg, i, live_f + gf, live_h + gh, live_fixed + half_grad)
         live_f -= free_f.get(i, 0)
         live_h -= free_h.get(i, 0)
         live_fixed -= fixed_saver_h[i]
         if half_grad:  # the cast's backward: half and fp32 gradient of the weight
-            if seg is None:
-                act_f.append(live_f + after_f)
-                fixed_f.append(0)
-                act_h.append(live_h + after_h)
-                fixed_h.append(live_fixed + half_grad)
-            else:
-                rf = recomputed_alive(0, seg, i - 1)
-                rh = recomputed_alive(1, seg, i - 1)
-                act_f.append(live_f + after_f + rf[0])
-                fixed_f.append(rf[1])
-                act_h.append(live_h + after_h + rh[0])
-                fixed_h.append(live_fixed + half_grad + rh[1])
+            point(seg, i - 1, live_f + after_f, live_h + after_h, live_fixed + half_grad)
     return tuple(  # type: ignore[return-value]
         ActivationProfile(
             forward_act=forward[m][0],
