@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     cfg = SharedHeadConfig(
                         family=family, task=task, pool_size=args.pool, steps=args.head_steps,
                         mode=args.mode, resolution=full.resolution, n_train=full.n_train,
+                        init=full.init,  # v4: the pool's backbones come from the supernet
                     )  # fmt: skip
                     head, meta = train_shared_head(cfg, progress=args.progress)
                     meta["cpu_seconds"] = round(time.process_time() - c0, 2)

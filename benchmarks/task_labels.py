@@ -36,6 +36,7 @@ import logging
 import os
 import platform
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,9 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     # pose: recipe v2's 600 figures and v3's 500 (at the task's 64 px)
     "p600": {"epochs": 2, "n_train": 600, "n_val": 300},
     "p500": {"epochs": 2, "n_train": 500, "n_val": 300},
+    # a named label recipe, as it trains the task (v4: backbones inherited from the family's
+    # supernet and frozen, aiop.tasks.supernet)
+    "v4": {"recipe": "v4"},
 }
 NOISE_OUT = "task_label_noise"  # the study's files: <out>_runs.jsonl, <out>.json, <out>.md
 
@@ -173,6 +177,7 @@ def noise_study(args: argparse.Namespace) -> int:
     """Train every (task, family, candidate, arch, seed) not yet in the runs file; summarise."""
     from tqdm import tqdm
 
+    from aiop.tasks.recipes import recipe_config
     from aiop.tasks.train import TrainConfig, build_task_model, train_task_model
 
     for c in args.candidates:
@@ -193,9 +198,15 @@ def noise_study(args: argparse.Namespace) -> int:
     todo = [] if args.report_only else [w for w in work if _noise_key(w) not in done]
     RESULTS.mkdir(parents=True, exist_ok=True)
     for w in tqdm(todo, desc="noise study"):
-        cfg = TrainConfig(seed=w["seed"], **CANDIDATES[w["candidate"]]).for_task(w["task"])
+        cand = CANDIDATES[w["candidate"]]
+        if "recipe" in cand:
+            cfg = replace(recipe_config(cand["recipe"], w["task"]), seed=w["seed"], repeats=1)
+        else:
+            cfg = TrainConfig(seed=w["seed"], **cand).for_task(w["task"])
         spec = f"family:{w['family']}:{w['arch']}"
-        model = build_task_model(spec, w["task"], resolution=cfg.resolution, seed=w["seed"])
+        model = build_task_model(
+            spec, w["task"], resolution=cfg.resolution, seed=w["seed"], init=cfg.init
+        )
         res = train_task_model(model, cfg)
         row = {
             **w,

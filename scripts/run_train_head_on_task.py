@@ -20,6 +20,7 @@ from pathlib import Path
 from aiop.tasks.heads import DEFAULT_WIDTH, TASKS, HeadError
 from aiop.tasks.labels import OneLineParser
 from aiop.tasks.shared_head import DEFAULT_POOL_START, MODES, SharedHeadConfig
+from aiop.tasks.train import INITS
 
 
 def default_chkpt(family: str, task: str, tag: str) -> Path:
@@ -41,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-resolution", type=int, default=None, help="default: the task's own")
     p.add_argument("-n_train", type=int, default=1000)
     p.add_argument("-seed", type=int, default=0)
+    p.add_argument(
+        "-init",
+        default="scratch",
+        choices=INITS,
+        help="pool backbones from scratch, or from the family's supernet (label recipe v4)",
+    )
     p.add_argument("-width", type=int, default=DEFAULT_WIDTH, help="head width")
     p.add_argument("-overwrite", action="store_true", help="retrain an existing checkpoint")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -66,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             n_train=args.n_train,
             seed=args.seed,
             width=args.width,
+            init=args.init,
         )
         if out.exists() and not args.overwrite:
             print(f"{out} exists: kept (use -overwrite to retrain)")

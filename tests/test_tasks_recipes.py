@@ -55,6 +55,7 @@ PINNED_IDS = {
     "v1": {"classification": "19463c08", "scene": "f7ebf9e9", "pose": "9f219bf9"},
     "v2": {"classification": "455f6223", "scene": "095322a1", "pose": "96f04862"},
     "v3": {"classification": "455f6223", "scene": "095322a1", "pose": "933c8c09"},
+    "v4": {"classification": "5420db35", "scene": "ee572d45", "pose": "eb171a1d"},
 }
 
 
@@ -210,3 +211,26 @@ def test_pseudo_label_benchmark_names_sets_per_task() -> None:
     }
     pose = bench.tags(args, "ofa_mbv3", "pose")
     assert pose["individual"] == "individual-v3" and pose["shared"].startswith("shared-v3-")
+
+
+def test_v4_inherits_from_the_supernet_and_names_it() -> None:
+    """v4 starts every backbone from the family supernet, frozen; its recipe id names the
+    supernet's settings, so labels from another supernet never join its sets."""
+    from dataclasses import replace
+
+    from aiop.tasks import supernet
+
+    for task in PRIMARY_METRIC:
+        cfg = recipe_config("v4", task)
+        assert cfg.init == "supernet" and not cfg.train_backbone
+        assert label_tag("v4", task) == "individual-v4"
+        scratch = replace(cfg, init="scratch")
+        assert recipe_id(scratch, task, 64) != recipe_id(cfg, task, 64)
+    assert recipe_config("v4", "classification").val_split == "val+test"
+    base = recipe_id(recipe_config("v4", "pose"), "pose", 64)
+    real = supernet.supernet_config
+    try:
+        supernet.supernet_config = lambda family: supernet.SupernetConfig(family, epochs=9)
+        assert recipe_id(recipe_config("v4", "pose"), "pose", 64) != base
+    finally:
+        supernet.supernet_config = real

@@ -7,6 +7,7 @@ from aiop.cache.aiop_pkl import (
     import_aiop_pkl,
     load_aiop_pkl,
 )
+from aiop.cache.dirs import cache_dir
 from aiop.cache.errors import CacheError
 from aiop.cache.merge import MergeReport, merge_stores
 from aiop.cache.store import (
@@ -30,6 +31,7 @@ __all__ = [
     "Record",
     "Store",
     "aiop_graph_to_cg",
+    "cache_dir",
     "check_spec",
     "export_aiop_pkl",
     "import_aiop_pkl",

@@ -74,6 +74,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from aiop.cache import cache_dir
 from aiop.mconfig import MConfig, MSpace, make_optimizer, prepare, train_step
 from aiop.mpopt.drift import DriftDetector, DriftError
 from aiop.mpopt.planner import MB, Candidate, PlanError, PlanResult, PredictorLike, plan
@@ -259,15 +260,6 @@ class RetrainSettings:
 
 
 # -- the pretrained model -------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    """``$AIOP_CACHE_DIR`` or ``~/.cache/aiop`` (XDG_CACHE_HOME honoured)."""
-    env = os.environ.get("AIOP_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "aiop"
 
 
 def standardise(images: np.ndarray) -> torch.Tensor:

@@ -246,7 +246,13 @@ def label_archs(
             tcfg = cfgs[task]
             try:
                 model = build_task_model(
-                    spec, task, resolution=tcfg.resolution, seed=tcfg.seed, width=width
+                    spec,
+                    task,
+                    resolution=tcfg.resolution,
+                    seed=tcfg.seed,
+                    width=width,
+                    init=tcfg.init,
+                    progress=progress,
                 )
                 name = f"{spec}+{task}"
                 cg = task_graph(model, name)
@@ -313,7 +319,12 @@ def train_repeats(
     for r in range(max(1, cfg.repeats)):
         if r > 0:
             model = build_task_model(
-                spec, model.task, resolution=cfg.resolution, seed=cfg.seed + r, width=width
+                spec,
+                model.task,
+                resolution=cfg.resolution,
+                seed=cfg.seed + r,
+                width=width,
+                init=cfg.init,
             )
         if shared is not None:
             load_head_state(model.head, shared[0])

@@ -89,6 +89,9 @@ class SharedHeadConfig:
     data_seed: int = 0
     seed: int = 0
     width: int = DEFAULT_WIDTH
+    # "supernet": the pool's backbones start from the family's supernet (aiop.tasks.supernet),
+    # so latent sampling reads trained features, as AIO-P's did from OFA's
+    init: str = "scratch"
 
     def __post_init__(self) -> None:
         check_task(self.task)
@@ -108,6 +111,7 @@ class SharedHeadConfig:
             n_train=self.n_train,
             data_seed=self.data_seed,
             seed=self.seed,
+            init=self.init,
         )
 
 
@@ -147,7 +151,9 @@ def build_pool(cfg: SharedHeadConfig) -> list[TaskModel]:
     pool: list[TaskModel] = []
     for i in range(cfg.pool_size):
         spec = f"family:{cfg.family}:{cfg.pool_start + i}"
-        member = build_task_model(spec, cfg.task, resolution=cfg.resolution, seed=cfg.seed + i)
+        member = build_task_model(
+            spec, cfg.task, resolution=cfg.resolution, seed=cfg.seed + i, init=cfg.init
+        )
         if len(member.info.channels) != len(channels):
             raise HeadError(
                 f"{spec}: {len(member.info.channels)} feature levels, the shared head reads "
@@ -274,7 +280,9 @@ def pseudo_label(
     """Fine-tune ``spec`` with the shared head as the head's starting point; its metric is the
     architecture's pseudo-label."""
     cfg = cfg.for_task(task)
-    model = build_task_model(spec, task, resolution=cfg.resolution, seed=cfg.seed, width=width)
+    model = build_task_model(
+        spec, task, resolution=cfg.resolution, seed=cfg.seed, width=width, init=cfg.init
+    )
     load_head_state(model.head, head_state)
     result = train_task_model(model, cfg, progress=progress, desc=f"fine-tune {spec}")
     return model, result

@@ -62,6 +62,7 @@ DEFAULT_RESOLUTION: dict[str, int] = {
     "pose": 64,
 }
 MAX_DETECTIONS = 20
+INITS: tuple[str, ...] = ("scratch", "supernet")
 # Background covers most pixels of a scene: at full weight a short training run learns to
 # predict background everywhere (mIoU ≈ 1/11). Down-weighting it makes digits pay off early.
 BACKGROUND_WEIGHT = 0.1
@@ -432,6 +433,13 @@ class TrainConfig:
     # where the label is measured: "val", or "val+test" (every held-out item: for the 5,000
     # MNIST digits 1,500 instead of 500, a third of the top-1 sampling noise's variance)
     val_split: str = "val"
+    # where the backbone starts: "scratch" (random weights from the seed) or "supernet" (its
+    # slice of the family's weight-sharing supernet, aiop.tasks.supernet; OFA/AIO-P's way)
+    init: str = "scratch"
+
+    def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise ValueError(f"unknown backbone init {self.init!r}; valid: {', '.join(INITS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -607,13 +615,25 @@ def build_task_model(
     resolution: int | None = None,
     seed: int = 0,
     width: int | None = None,
+    init: str = "scratch",
+    progress: bool = False,
 ) -> TaskModel:
     """``zoo:NAME`` / ``family:FAMILY:SEED`` at ``resolution`` with the ``task`` head; weights
-    initialised deterministically from ``seed``."""
+    initialised deterministically from ``seed`` — with ``init="supernet"`` the backbone's then
+    replaced by its slice of the family's supernet (trained into the cache on first use)."""
     from aiop.models import build
     from aiop.tasks.heads import DEFAULT_WIDTH
 
     resolution = resolution or DEFAULT_RESOLUTION[check_task(task)]
+    if init not in INITS:
+        raise ValueError(f"unknown backbone init {init!r}; valid: {', '.join(INITS)}")
     torch.manual_seed(seed)
     backbone = build(spec, num_classes=NUM_CLASSES, resolution=resolution)
-    return TaskModel(backbone, task, resolution=resolution, width=width or DEFAULT_WIDTH, name=spec)
+    model = TaskModel(
+        backbone, task, resolution=resolution, width=width or DEFAULT_WIDTH, name=spec
+    )
+    if init == "supernet":
+        from aiop.tasks.supernet import inherit_spec, supernet_config
+
+        inherit_spec(model, supernet_config(model.arch.get("family", "")), progress=progress)
+    return model
