@@ -168,13 +168,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _result(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    from aiop.tasks.recipes import recipe_config
+
+    inits = {recipe_config(args.recipe, t).init for t in args.tasks}
+    backbone = (
+        "backbones inherited from the family supernet"
+        if inits == {"supernet"}
+        else "backbones from scratch"
+    )
     return {
         "command": "python benchmarks/pseudo_labels.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, shared 2-core host",
         "settings": {
-            "individual": f"label recipe {args.recipe} (aiop.tasks.recipes), from scratch",
+            "individual": f"label recipe {args.recipe} (aiop.tasks.recipes), {backbone}",
             "shared": f"{args.ft_epochs} epoch(s) of recipe {args.recipe} from the shared head",
-            "scratch": f"{args.ft_epochs} epoch(s) of recipe {args.recipe} from scratch",
+            "scratch": f"{args.ft_epochs} epoch(s) of recipe {args.recipe}, a fresh head",
             "head": f"pool {args.pool}, {args.head_steps} steps, mode {args.mode}",
             "target": "SRCC >= 0.7 on >= 30 architectures per task",
         },
@@ -205,7 +213,7 @@ def write(result: dict[str, Any], stem: str) -> None:
             b = r["baseline"]
             lines.append(
                 f"\nBaseline {r['family']} {r['task']}: labels tagged `{b['tag']}` (the same "
-                f"short budget from scratch, no shared head) vs individual: SRCC {b['srcc']} "
+                f"short budget with a fresh head, no shared head) vs individual: SRCC {b['srcc']} "
                 f"on {b['n_archs']} architectures, {b['cpu_s']} CPU s/label."
             )
     lines += ["", "Settings: " + "; ".join(f"{k}: {v}" for k, v in result["settings"].items())]
@@ -240,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         "--no_scratch",
         dest="scratch",
         action="store_false",
-        help="skip the baseline: the same short budget from scratch, without the shared head",
+        help="skip the baseline: the same short budget with a fresh head, without the shared head",
     )
     p.add_argument(
         "--report_only", action="store_true", help="no training: report the stored labels"

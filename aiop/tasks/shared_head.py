@@ -31,11 +31,9 @@ temporary file and renamed, so a killed run never leaves half a checkpoint.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import random
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -45,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from aiop.tasks.checkpoints import load_checkpoint, save_checkpoint
 from aiop.tasks.heads import (
     DEFAULT_WIDTH,
     HeadError,
@@ -227,45 +226,12 @@ def train_shared_head(
 
 def save_head(head: nn.Module, meta: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write the head as one safetensors file (atomically: temporary file, then rename)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"aiop": json.dumps(meta, sort_keys=True)})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a checkpoint is not
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return save_checkpoint(head.state_dict(), meta, path)
 
 
 def load_head(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict, metadata) of a shared-head checkpoint; :class:`HeadError` if it is not one."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise HeadError(f"shared head checkpoint {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("aiop")
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise HeadError(f"{path}: not a safetensors shared-head checkpoint ({exc})") from None
-    try:
-        meta = json.loads(raw) if raw else {}
-    except json.JSONDecodeError:
-        meta = {}
-    if meta.get("format") != FORMAT:
-        raise HeadError(f"{path}: not an aiop shared-head checkpoint (no {FORMAT} metadata)")
-    return state, meta
+    return load_checkpoint(path, FORMAT, "shared-head", HeadError)
 
 
 def pseudo_label(

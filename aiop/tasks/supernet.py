@@ -35,7 +35,6 @@ import logging
 import math
 import os
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -45,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from aiop.tasks.checkpoints import load_checkpoint, save_checkpoint
 from aiop.tasks.heads import DEFAULT_WIDTH, HeadError, TaskModel
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,8 @@ def _n_stages(family: str) -> int:
     return 5 if family == "ofa_mbv3" else 6
 
 
-def largest_arch(family: str, resolution: int = 32) -> dict[str, Any]:
-    """The family's largest architecture: the supernet."""
+def _extreme_arch(family: str, pick: Any, seed: int, resolution: int) -> dict[str, Any]:
+    """Every elastic choice of ``family`` at ``pick`` (max or min) of its options."""
     from aiop.models.families import (
         DEPTHS,
         EXPANDS,
@@ -78,56 +78,33 @@ def largest_arch(family: str, resolution: int = 32) -> dict[str, Any]:
     )
 
     arch = sample_arch(family, 0)
-    arch.update(seed=-1, resolution=resolution)
+    arch.update(seed=seed, resolution=resolution)
     if family in MB_FAMILIES:
-        depths = [max(DEPTHS)] * 5 + [1] * (_n_stages(family) - 5)
+        depths = [pick(DEPTHS)] * 5 + [1] * (_n_stages(family) - 5)
         arch.update(
-            width_mult=max(MB_WIDTHS),
+            width_mult=pick(MB_WIDTHS),
             d=depths[:5],
-            ks=[[max(KERNELS)] * n for n in depths],
-            e=[[max(EXPANDS)] * n for n in depths],
+            ks=[[pick(KERNELS)] * n for n in depths],
+            e=[[pick(EXPANDS)] * n for n in depths],
         )
     else:
-        d = max(RESNET_DEPTHS)
+        d = pick(RESNET_DEPTHS)
         arch.update(
             d=[d] * 5,
-            w=[max(RESNET_WIDTHS)] * 5,
-            e=[[max(RESNET_EXPANDS)] * (b + d) for b in _RESNET_BASE],
+            w=[pick(RESNET_WIDTHS)] * 5,
+            e=[[pick(RESNET_EXPANDS)] * (b + d) for b in _RESNET_BASE],
         )
     return arch
+
+
+def largest_arch(family: str, resolution: int = 32) -> dict[str, Any]:
+    """The family's largest architecture: the supernet."""
+    return _extreme_arch(family, max, -1, resolution)
 
 
 def smallest_arch(family: str, resolution: int = 32) -> dict[str, Any]:
     """The family's smallest architecture (the sandwich rule's lower bread)."""
-    from aiop.models.families import (
-        DEPTHS,
-        EXPANDS,
-        KERNELS,
-        MB_WIDTHS,
-        RESNET_DEPTHS,
-        RESNET_EXPANDS,
-        RESNET_WIDTHS,
-        sample_arch,
-    )
-
-    arch = sample_arch(family, 0)
-    arch.update(seed=-2, resolution=resolution)
-    if family in MB_FAMILIES:
-        depths = [min(DEPTHS)] * 5 + [1] * (_n_stages(family) - 5)
-        arch.update(
-            width_mult=min(MB_WIDTHS),
-            d=depths[:5],
-            ks=[[min(KERNELS)] * n for n in depths],
-            e=[[min(EXPANDS)] * n for n in depths],
-        )
-    else:
-        d = min(RESNET_DEPTHS)
-        arch.update(
-            d=[d] * 5,
-            w=[min(RESNET_WIDTHS)] * 5,
-            e=[[min(RESNET_EXPANDS)] * (b + d) for b in _RESNET_BASE],
-        )
-    return arch
+    return _extreme_arch(family, min, -2, resolution)
 
 
 def _block_map(arch: dict[str, Any]) -> list[int]:
@@ -462,28 +439,15 @@ def save_supernet(
 ) -> Path:
     """Write weights (and Adam's moments, for a partial run) as one safetensors file,
     atomically: temporary file, then rename."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors = dict(model.state_dict())
     if opt is not None:
         for name, p in model.named_parameters():
             st = opt.state.get(p)
             if st:
                 tensors[f"adam.step.{name}"] = torch.as_tensor(st["step"]).reshape(1).float()
-                tensors[f"adam.exp_avg.{name}"] = st["exp_avg"].contiguous()
-                tensors[f"adam.exp_avg_sq.{name}"] = st["exp_avg_sq"].contiguous()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"aiop": json.dumps(meta, sort_keys=True)})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+                tensors[f"adam.exp_avg.{name}"] = st["exp_avg"]
+                tensors[f"adam.exp_avg_sq.{name}"] = st["exp_avg_sq"]
+    return save_checkpoint(tensors, meta, path)
 
 
 def load_supernet(
@@ -491,23 +455,7 @@ def load_supernet(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict, metadata) of a supernet checkpoint; :class:`SupernetError` when it is not
     one, or (given ``cfg``) was trained under another config."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise SupernetError(f"supernet checkpoint {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("aiop")
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise SupernetError(f"{path}: not a safetensors supernet checkpoint ({exc})") from None
-    try:
-        meta = json.loads(raw) if raw else {}
-    except json.JSONDecodeError:
-        meta = {}
-    if meta.get("format") != FORMAT:
-        raise SupernetError(f"{path}: not an aiop supernet checkpoint (no {FORMAT} metadata)")
+    state, meta = load_checkpoint(path, FORMAT, "supernet", SupernetError)
     if cfg is not None and meta.get("key") != cfg.key():
         raise SupernetError(
             f"{path}: trained under another config ({meta.get('config')}); "
