@@ -315,8 +315,16 @@ def summarise_noise(args: argparse.Namespace) -> dict[str, Any]:
     ]
     for r in rows:
         rc = r["recipe"] or {}
+        if "recipe" in rc:  # a named label recipe, trained as it trains this task
+            from aiop.tasks.recipes import recipe_config
+
+            rc = {**recipe_config(rc["recipe"], r["task"]).to_dict(), "name": rc["recipe"]}
         desc = f"{r['candidate']} ({rc.get('epochs')} ep × {rc.get('n_train')}"
-        desc += f", val {rc.get('n_val')}" + (f", lr {rc['lr']}" if "lr" in rc else "") + ")"
+        desc += f", val {rc.get('n_val') or rc.get('val_split')}"
+        desc += f", lr {rc['lr']}" if "lr" in rc and "name" not in rc else ""
+        desc += f", {rc['init']} init" if rc.get("init", "scratch") != "scratch" else ""
+        desc += ", head only" if rc.get("train_backbone") is False else ""
+        desc += ")"
         lines.append(
             f"| {r['task']} | {r['family']} | {desc} | {r['runs']} | {r['grand_mean']} "
             f"| {r['between_sd']} | {r['within_sd']} | {r['snr']} | {r['icc']} "

@@ -53,7 +53,18 @@ def _acc(store: Path, tag: str) -> dict[str, float]:
         }
 
 
-def test_labels_then_resume_skips_finished(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_labels_then_resume_skips_finished(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default recipe, whatever it is, end to end (a supernet recipe's supernet tiny)."""
+    from aiop.tasks import supernet
+
+    monkeypatch.setenv("AIOP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(
+        supernet,
+        "supernet_config",
+        lambda family: supernet.SupernetConfig(family, epochs=1, n_train=32, n_val=16),
+    )
     cgs = _script(CGS)  # in process: the data sets are built once
     db = tmp_path / "t.db"
     base = ["-family", "ofa_mbv3", "-task", "semantic", "-cache_file", str(db), "-q", *TINY]
@@ -136,7 +147,7 @@ def test_shared_head_then_pseudo_labels(tmp_path: Path) -> None:
     db = tmp_path / "s.db"
     out = _run(
         CGS, "-family", "ofa_pn", "-task", "pose", "-chkpt", str(chkpt), "-num_archs", "1",
-        "-cache_file", str(db), "-q", *TINY,
+        "-cache_file", str(db), "-q", "-recipe", "v3", *TINY,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     labels = _acc(db, "shared")
@@ -190,7 +201,7 @@ def test_kill_minus_nine_then_resume(tmp_path: Path) -> None:
     db = tmp_path / "k.db"
     args = [
         "-family", "ofa_mbv3", "-task", "classification", "-num_archs", "3", "--num_epochs", "1",
-        "-cache_file", str(db), "-q", *TINY,
+        "-cache_file", str(db), "-q", "-recipe", "v3", *TINY,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(_cmd(CGS, *args), env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
