@@ -168,3 +168,28 @@ def test_two_processes_train_one_supernet_once(tmp_path, monkeypatch):
     for t in threads:
         t.join()
     assert len(calls) == 1 and paths[0] == paths[1] == sn.cache_path(cfg, tmp_path)
+
+
+def test_command_line(tmp_path, capsys):
+    """``python -m aiop.tasks.supernet``: trains into the cache once, reuses, one-line errors."""
+    import json
+
+    argv = ["-family", "ofa_pn", "-epochs", "1", "-n_train", "32", "-cache_dir", str(tmp_path)]
+    assert sn.main([*argv, "-q", "--json"]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["complete"] and meta["config"]["n_train"] == 32
+    stamp = (tmp_path / "supernets").stat().st_mtime_ns
+    assert sn.main([*argv, "-q"]) == 0  # already there: nothing trained
+    assert "ofa_pn: " in capsys.readouterr().out
+    assert (tmp_path / "supernets").stat().st_mtime_ns == stamp
+    for bad, message in [
+        (["-family", "ofa_vit"], "unknown family"),
+        (["-family", "ofa_pn", "-epochs", "0"], "epochs >= 1"),
+        (["-family", "ofa_pn", "-epochs", "x"], "invalid int"),
+    ]:
+        try:
+            code = sn.main(bad)
+        except SystemExit as exc:
+            code = exc.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], (bad, err)

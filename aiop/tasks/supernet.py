@@ -518,3 +518,51 @@ def inherit_spec(model: TaskModel, cfg: SupernetConfig, *, progress: bool = Fals
             f"{model.backbone_name}: a supernet init needs an architecture of {cfg.family}"
         )
     return inherit(model, supernet_state(cfg, progress=progress), arch)
+
+
+# --------------------------------------------------------------------------- command line
+def main(argv: list[str] | None = None) -> int:
+    """``python -m aiop.tasks.supernet -family ofa_mbv3 ofa_pn``: train (or finish) the
+    families' supernets into the cache ahead of labelling, and print their metadata."""
+    import sys
+
+    from aiop.tasks.labels import OneLineParser
+
+    p = OneLineParser(prog="python -m aiop.tasks.supernet", description=main.__doc__)
+    p.add_argument("-family", nargs="+", required=True, help="ofa_mbv3, ofa_pn, ofa_resnet")
+    p.add_argument("-epochs", type=int, default=None, help="default: the label recipes'")
+    p.add_argument("-n_train", type=int, default=None, help="training digits (default: all)")
+    p.add_argument("-cache_dir", default=None, help="default: $AIOP_CACHE_DIR or ~/.cache/aiop")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the metadata as JSON lines")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        for family in args.family:
+            cfg = supernet_config(family)  # validates the family too
+            overrides = {k: getattr(args, k) for k in ("epochs", "n_train")}
+            overrides = {k: v for k, v in overrides.items() if v is not None}
+            if overrides:
+                cfg = SupernetConfig(**{**cfg.to_dict(), **overrides})
+            path = ensure_supernet(cfg, args.cache_dir, progress=not args.quiet)
+            meta = load_supernet(path, cfg)[1]
+            if args.json:
+                print(json.dumps({"path": str(path), **meta}))
+            else:
+                print(
+                    f"{family}: {path} ({meta['steps']} steps, {meta['seconds']} s; top-1 "
+                    f"largest {meta['top1_largest']}, smallest {meta['top1_smallest']})"
+                )
+    except KeyboardInterrupt:
+        print("interrupted: finished epochs are kept; run again to resume", file=sys.stderr)
+        return 130
+    except ValueError as exc:
+        print(f"{p.prog}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
