@@ -7,6 +7,19 @@
     python scripts/run_gpi_acc_predictor.py -cache_file data/labels.db \
         -family_test ofa_resnet -targets latency -epochs 40 -num_seeds 1
 
+Accuracy within a family (the held-out family's level and spread differ from the training
+families'; only the ranking transfers): ``-fine_tune_relevel`` maps the outputs onto the
+``#N`` architectures' mean and spread before fine-tuning, ``-fine_tune_params heads|last``
+fine-tunes the heads only, ``-fine_tune_rank_weight`` / ``-acc_rank_weight`` add a pairwise
+ranking loss (fine-tune / training), ``-fine_tune_select_folds K`` picks the fine-tune epochs
+(0 allowed) by out-of-fold SRCC on the ``#N`` architectures, ``-acc_norm family`` trains on
+within-family z-scores; without them the fine-tune is AIO-P's (benchmarks/results/
+acc_predictor_v4/README.md compares them; its selected protocol re-levels only)::
+
+    python scripts/run_gpi_acc_predictor.py -cache_file data/task_labels.db \
+        -family_test 'ofa_mbv3#20' -targets acc:classification -acc_mode individual-v4 \
+        -fine_tune_epochs 0 -fine_tune_relevel -num_seeds 3
+
 Latency labels are one-thread CPU steps (``-mode real -profiler latency``); the
 latency model's device constants are fitted on the training families only.
 
@@ -31,7 +44,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aiop.predictor.train import ACC_MODE, format_acc_mode
+from aiop.predictor.train import (
+    ACC_MODE,
+    ACC_NORMS,
+    FT_PARAMS,
+    RELEVEL_MODES,
+    format_acc_mode,
+)
 
 LOG = logging.getLogger("run_gpi_acc_predictor")
 VARIANTS = ("noft", "ft", "kadapt_noft", "kadapt_ft")
@@ -90,6 +109,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-lr", type=float, default=1e-3)
     p.add_argument("-fine_tune_epochs", type=int, default=0, help="0: no fine-tuning")
     p.add_argument("-fine_tune_batch_size", type=int, default=8)
+    p.add_argument(
+        "-fine_tune_lr", type=float, default=None, help="fine-tune learning rate (default: -lr/10)"
+    )
+    p.add_argument(
+        "-fine_tune_params",
+        default="all",
+        choices=list(FT_PARAMS),
+        help="what fine-tuning updates: all parameters (AIO-P), the target heads, or their "
+        "last layer",
+    )
+    p.add_argument(
+        "-fine_tune_relevel",
+        nargs="?",
+        const="moments",
+        default=None,
+        choices=list(RELEVEL_MODES),
+        help="re-level the accuracy outputs to the fine-tune family first: to its mean and "
+        "spread (moments, the default), or by least squares on the #N architectures (fit)",
+    )
+    p.add_argument(
+        "-fine_tune_rank_weight",
+        type=float,
+        default=0.0,
+        help="weight of a pairwise ranking loss on accuracy targets during fine-tuning",
+    )
+    p.add_argument(
+        "-fine_tune_select_folds",
+        type=int,
+        default=0,
+        help=">=2: choose the fine-tune epochs (0 .. -fine_tune_epochs) by the out-of-fold "
+        "SRCC on that many folds of the #N architectures (early stopping without the test set)",
+    )
+    p.add_argument(
+        "-acc_rank_weight",
+        type=float,
+        default=0.0,
+        help="weight of a pairwise ranking loss (pairs within a family) on accuracy targets "
+        "during training",
+    )
+    p.add_argument(
+        "-acc_norm",
+        default="global",
+        choices=list(ACC_NORMS),
+        help="accuracy target normaliser: over all training samples (AIO-P) or per family "
+        "(within-family z-scores)",
+    )
     p.add_argument("-num_seeds", type=int, default=2)
     p.add_argument("-seed", type=int, default=0, help="first training seed")
     p.add_argument("-split_seed", type=int, default=0, help="seed of the #N selection")
@@ -118,6 +183,18 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"-{name} must not be negative")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise UsageError("-lr must be a positive number")
+    if args.fine_tune_lr is not None and not (
+        args.fine_tune_lr > 0 and math.isfinite(args.fine_tune_lr)
+    ):
+        raise UsageError("-fine_tune_lr must be a positive number")
+    for name in ("fine_tune_rank_weight", "acc_rank_weight"):
+        value = getattr(args, name)
+        if not (value >= 0 and math.isfinite(value)):
+            raise UsageError(f"-{name} must be a non-negative number")
+    if args.fine_tune_select_folds < 0 or args.fine_tune_select_folds == 1:
+        raise UsageError("-fine_tune_select_folds must be 0 (off) or at least 2")
+    if args.acc_norm == "family" and args.tar_norm != "stand":
+        raise UsageError("-acc_norm family needs -tar_norm stand")
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", args.model_name):
         raise UsageError(f"-model_name {args.model_name!r}: use letters, digits, _ . - only")
     if args.k_adapt is not None and not args.family_k:
@@ -142,9 +219,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         collect_predictions,
         families_of,
         finetune,
+        fit_predictor,
         load_samples,
         make_spec,
         parse_acc_mode,
+        relevel_acc,
         split_by_family,
         targets_present,
     )
@@ -199,6 +278,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     per_seed: dict[str, dict[str, dict[str, list[dict[str, float]]]]] = {}
     pairs: dict[tuple[str, str, str], tuple[list[float], list[float]]] = {}
     steps = args.num_seeds * (1 + len(held))
+    selections: dict[str, list[dict[str, Any]]] = {}  # fine-tune epochs chosen per seed
     bar = tqdm(total=steps, desc=args.model_name, disable=args.quiet)
     t0 = time.perf_counter()
 
@@ -229,7 +309,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         if not split.train:
             raise UsageError("no training samples in -family_train")
-        base.fit(split.train)
+        fit_predictor(base, split.train, args.acc_norm, args.acc_rank_weight)
         if args.save_predictor and i == 0:
             base.save(out_dir / f"{args.model_name}_seed{seed}.safetensors")
         kp = None
@@ -243,22 +323,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             bar.set_postfix(seed=seed, step=family)
             score("noft", family, base)
             ft_set = split.finetune[family]
-            if args.fine_tune_epochs and ft_set:
-                score(
-                    "ft",
-                    family,
-                    finetune(
-                        base, ft_set, args.fine_tune_epochs, batch_size=args.fine_tune_batch_size
-                    ),
+            # -fine_tune_relevel with -fine_tune_epochs 0: the re-levelled zero-shot network
+            if (args.fine_tune_epochs or args.fine_tune_relevel) and ft_set:
+                tuned_ft = finetune(
+                    base,
+                    ft_set,
+                    args.fine_tune_epochs,
+                    batch_size=args.fine_tune_batch_size,
+                    lr=args.fine_tune_lr,
+                    params=args.fine_tune_params,
+                    relevel=args.fine_tune_relevel or False,
+                    rank_weight=args.fine_tune_rank_weight,
+                    select_folds=args.fine_tune_select_folds,
                 )
+                score("ft", family, tuned_ft)
+                for sel in tuned_ft.meta.get("finetune_selection", []):
+                    selections.setdefault(family, []).append({"seed": seed, **sel})
             if kp is not None:
                 score("kadapt_noft", family, kp)
                 if args.fine_tune_epochs and ft_set:
                     tuned = kp.clone()
+                    if args.fine_tune_relevel:
+                        relevel_acc(tuned, ft_set, args.fine_tune_relevel)
                     tuned.finetune(
                         ft_set,
                         args.k_adapt,
                         args.fine_tune_epochs,
+                        lr=args.fine_tune_lr,
                         batch_size=args.fine_tune_batch_size,
                     )
                     score("kadapt_ft", family, tuned)
@@ -282,6 +373,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "plots": [],
     }
+    if selections:
+        result["finetune_selection"] = selections
     for family, t in sorted({(f, t) for f, _, t in pairs}):
         # one plot per (family, target), its variants as series
         series = {v: pairs[(family, v, t)] for v in VARIANTS if (family, v, t) in pairs}

@@ -339,6 +339,8 @@ class KAdapterPredictor(Predictor):
         if not families:
             raise PredictorError("no family to train an adapter on")
         self.normalizers = copy.deepcopy(self.base.normalizers)
+        if "acc_norm" in self.base.meta:  # the accuracy outputs' reference level (train.py)
+            self.meta["acc_norm"] = copy.deepcopy(self.base.meta["acc_norm"])
         new = [t for t in _targets_of(samples) if t not in self.base.targets]
         self.targets = list(self.base.targets) + new
         trained = {

@@ -28,10 +28,11 @@ import numpy as np
 from aiop.cg.graph import ComputeGraph
 from aiop.mconfig import MConfig
 from aiop.predictor.analytic import PlanCache, estimate_memory
-from aiop.predictor.api import Predictor, Sample
+from aiop.predictor.api import FitReport, Predictor, Sample
 from aiop.predictor.latency import LatencyModel, fit_latency_constants, latency_terms
 from aiop.predictor.metrics import regression_metrics
 from aiop.predictor.model import GNNSpec
+from aiop.predictor.normalize import Normalizer
 
 log = logging.getLogger(__name__)
 
@@ -420,20 +421,238 @@ def finetune(
     *,
     lr: float | None = None,
     batch_size: int = 8,
+    params: str = "all",
+    relevel: bool | str = False,
+    rank_weight: float = 0.0,
+    select_folds: int = 0,
+    seed: int | None = None,
 ) -> Predictor:
-    """A copy of ``pred`` fine-tuned on ``samples`` (all parameters; normalisers kept).
+    """A copy of ``pred`` fine-tuned on ``samples``.
 
-    AIO-P fine-tunes with batch 1; a small batch keeps the many configurations
-    of each held-out architecture affordable.
+    The defaults are AIO-P's fine-tune (all parameters, normalisers kept, MSE, ``lr / 10``);
+    AIO-P fine-tunes with batch 1, a small batch keeps the many configurations of each held-out
+    architecture affordable. For ranking a new family's architectures:
+
+    * ``params``: ``heads`` or ``last`` train only the target heads (their last layer);
+    * ``relevel``: :func:`relevel_acc` first (True or ``"moments"``; ``"fit"``: its least-squares
+      mode), so accuracy targets are fitted at the family's level and spread instead of
+      spending the fine-tune on shifting every output;
+    * ``rank_weight``: adds that weight times a pairwise logistic ranking loss (RankNet) over
+      the batch's accuracy targets to the MSE;
+    * ``select_folds`` (≥ 2): chooses the number of epochs (0 … ``epochs``, 0 keeping the
+      re-levelled zero-shot predictor) by the out-of-fold SRCC of the accuracy targets over a
+      ``select_folds``-fold split of the fine-tune architectures, then fine-tunes on all of
+      them for that many epochs of the same schedule (early stopping without the test set).
     """
+    if params not in FT_PARAMS:
+        raise ValueError(f"unknown fine-tune params {params!r}; choose {', '.join(FT_PARAMS)}")
     new = clone_predictor(pred)
     new.epochs = epochs
     new.batch_size = batch_size
     new.lr = lr if lr is not None else pred.lr / 10
     labelled = [s for s in samples if any(t in s.labels for t in new.targets)]
-    if epochs > 0 and labelled:
-        new.fit(labelled, finetune=True)
+    custom = params != "all" or relevel or rank_weight > 0 or select_folds >= 2
+    if not custom:  # AIO-P's fine-tune, bit for bit as before
+        if epochs > 0 and labelled:
+            new.fit(labelled, finetune=True)
+        return new
+    seed = pred.seed if seed is None else seed
+    stop = epochs
+    if select_folds >= 2 and epochs > 0 and labelled:
+        stop, curve = _select_epochs(
+            new, labelled, epochs, params, rank_weight, select_folds, seed, relevel
+        )
+        new.meta.setdefault("finetune_selection", []).append(
+            {"epochs": epochs, "chosen": stop, "oof_srcc": curve}
+        )
+    if relevel and labelled:
+        relevel_acc(new, labelled, "moments" if relevel is True else str(relevel))
+    if stop > 0 and labelled:
+        _finetune_loop(new, labelled, epochs, stop, params, rank_weight, seed)
+    new.meta.setdefault("finetune", []).append(
+        {
+            "epochs": stop,
+            "lr": new.lr,
+            "params": params,
+            "relevel": relevel,
+            "rank_weight": rank_weight,
+            "samples": len(labelled),
+        }
+    )
     return new
+
+
+def _trainable(model: Any, params: str) -> list[Any]:
+    """The parameters a ``params`` fine-tune updates (see :data:`FT_PARAMS`)."""
+    if params == "all":
+        return list(model.parameters())
+    heads = model.heads if hasattr(model, "heads") else None
+    if heads is None:  # a K-adapter network: the adapters' heads
+        heads_list = [a.heads for a in model.adapters]
+    else:
+        heads_list = [heads]
+    out = []
+    for h in heads_list:
+        for mlp in h.values():
+            layers = list(mlp.parameters()) if params == "heads" else list(mlp[-1].parameters())
+            out += layers
+    return out
+
+
+def pairwise_rank_loss(pred: Any, target: Any, groups: Any | None = None) -> Any:
+    """RankNet's loss ``log(1 + exp(−(p_i − p_j)))`` averaged over the pairs with
+    ``target_i > target_j`` (of the same group, when ``groups`` is given); None without pairs."""
+    import torch
+
+    diff_t = target[:, None] - target[None, :]
+    mask = diff_t > 0
+    if groups is not None:
+        mask = mask & (groups[:, None] == groups[None, :])
+    if not bool(mask.any()):
+        return None
+    diff_p = pred[:, None] - pred[None, :]
+    return torch.nn.functional.softplus(-diff_p[mask]).mean()
+
+
+def _loss_with_rank(
+    pred: Predictor, out: Any, y: Any, rank_weight: float, groups: Any | None = None
+) -> Any:
+    loss = pred._loss(out, y)
+    if rank_weight <= 0:
+        return loss
+    for j, t in enumerate(pred.targets):
+        if not t.startswith("acc:") or t not in out:
+            continue
+        keep = ~y[:, j].isnan()
+        g = groups[keep] if groups is not None else None
+        r = pairwise_rank_loss(out[t][keep], y[keep, j], g)
+        if r is not None:
+            loss = rank_weight * r if loss is None else loss + rank_weight * r
+    return loss
+
+
+def _finetune_loop(
+    pred: Predictor,
+    samples: Sequence[Sample],
+    epochs: int,
+    stop: int,
+    params: str,
+    rank_weight: float,
+    seed: int,
+    on_epoch: Any = None,
+    groups: Sequence[str] | None = None,
+) -> list[float]:
+    """Train ``pred.model`` in place (Adam, cosine schedule over ``epochs``, stopped after
+    ``stop`` epochs) on the ``params`` group; ``on_epoch(epoch)`` runs after each epoch
+    (and once before the first, with 0). Other parameters keep their values and flags.
+    ``groups`` (one name per sample, e.g. its family): the ranking loss compares only samples
+    of one group."""
+    import torch
+    from torch_geometric.data import Batch
+
+    model = pred._check_fitted()
+    graphs, configs, analytic, refs = pred._rows(samples)
+    y = torch.tensor(pred._target_matrix(samples, refs), dtype=torch.float32)
+    cfg, ana = torch.from_numpy(configs), torch.from_numpy(analytic)
+    gid = None
+    if groups is not None:
+        names = {g: k for k, g in enumerate(dict.fromkeys(groups))}
+        gid = torch.tensor([names[g] for g in groups])
+    train = _trainable(model, params)
+    ids = {id(p) for p in train}
+    saved = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in ids)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    opt = torch.optim.Adam(train, lr=pred.lr, weight_decay=pred.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
+    order = list(range(len(samples)))
+    losses: list[float] = []
+    try:
+        if on_epoch is not None:
+            on_epoch(0)
+        for epoch in range(1, stop + 1):
+            model.train()
+            rng.shuffle(order)
+            total, count = 0.0, 0
+            for start in range(0, len(order), pred.batch_size):
+                idx = order[start : start + pred.batch_size]
+                out = model(Batch.from_data_list([graphs[i] for i in idx]), cfg[idx], ana[idx])
+                g = gid[idx] if gid is not None else None
+                loss = _loss_with_rank(pred, out, y[idx], rank_weight, g)
+                if loss is None:
+                    continue
+                opt.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(train, pred.grad_clip)
+                opt.step()
+                total += loss.item() * len(idx)
+                count += len(idx)
+            sched.step()
+            losses.append(total / max(count, 1))
+            model.eval()
+            if on_epoch is not None:
+                on_epoch(epoch)
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(saved[id(p)])
+        model.eval()
+    return losses
+
+
+def _select_epochs(
+    pred: Predictor,
+    samples: Sequence[Sample],
+    epochs: int,
+    params: str,
+    rank_weight: float,
+    folds: int,
+    seed: int,
+    relevel: bool | str,
+) -> tuple[int, list[float]]:
+    """The epoch count (0 … ``epochs``) with the best out-of-fold SRCC of the accuracy
+    targets (mean over them) on ``folds`` folds of ``samples``' architectures, and that curve
+    (each fold's copy re-levelled on its training part when ``relevel``). Ties go to fewer
+    epochs; without accuracy targets or with too few architectures, ``epochs``."""
+    from scipy.stats import spearmanr
+
+    accs = acc_targets(pred.targets)
+    fps = sorted({_fp(s.cg) for s in samples})
+    if not accs or len(fps) < 2 * folds:
+        return epochs, []
+    rng = random.Random(f"aiop-ft-folds:{seed}")
+    rng.shuffle(fps)
+    # out-of-fold predictions per epoch: epoch -> target -> fp -> value
+    oof: list[dict[str, dict[str, float]]] = [{t: {} for t in accs} for _ in range(epochs + 1)]
+    for k in range(folds):
+        held = set(fps[k::folds])
+        fit_on = [s for s in samples if _fp(s.cg) not in held]
+        val = [s for s in samples if _fp(s.cg) in held]
+        inner = clone_predictor(pred)
+        if relevel:  # each fold levels on its own training architectures only
+            relevel_acc(inner, fit_on, "moments" if relevel is True else str(relevel))
+
+        def record(epoch: int, inner: Predictor = inner, val: list[Sample] = val) -> None:
+            for t, pairs in collect_predictions(inner, val, accs).items():
+                for fp, p in zip(pairs.graphs, pairs.y_pred):
+                    oof[epoch][t][fp] = p
+
+        _finetune_loop(inner, fit_on, epochs, epochs, params, rank_weight, seed, record)
+    truth = {t: _per_graph_values(samples, t) for t in accs}
+    curve = []
+    for e in range(epochs + 1):
+        scores = []
+        for t in accs:
+            keys = [fp for fp in oof[e][t] if fp in truth[t]]
+            if len(keys) > 2:
+                rho = spearmanr([truth[t][k] for k in keys], [oof[e][t][k] for k in keys])[0]
+                scores.append(float(rho) if math.isfinite(rho) else 0.0)
+        curve.append(float(np.mean(scores)) if scores else math.nan)
+    valid = [(c, -e) for e, c in enumerate(curve) if math.isfinite(c)]
+    if not valid:
+        return epochs, curve
+    return -max(valid)[1], [round(c, 4) for c in curve]
 
 
 class _PredictsLike(Protocol):
@@ -554,3 +773,178 @@ def evaluate(
     """Per target: the metrics of :func:`aiop.predictor.metrics.regression_metrics`."""
     pairs = collect_predictions(predictor, samples, targets)
     return {t: regression_metrics(p.y_true, p.y_pred) for t, p in pairs.items()}
+
+
+# -- accuracy targets: per-family levels, fine-tuning for the ranking within a family ----------
+# An accuracy label mixes a family's level (its training recipe, its data) with where an
+# architecture ranks inside the family; only the latter transfers between families and only it
+# is scored (SRCC within a family). ``acc_norm="family"`` therefore standardises accuracy targets
+# per family for training (AIO-P's ``stand`` is per data set), and fine-tuning re-levels the
+# output normaliser to the new family before it trains (:func:`relevel_acc`).
+ACC_NORMS = ("global", "family")
+# Which parameters a fine-tune updates: everything (AIO-P), the target heads, or the heads'
+# last linear layer (a re-weighting of the frozen features).
+FT_PARAMS = ("all", "heads", "last")
+# How :func:`relevel_acc` maps the outputs onto a new family: moment matching or least squares.
+RELEVEL_MODES = ("moments", "fit")
+
+
+@dataclass(frozen=True)
+class LevelStats:
+    """Mean and standard deviation of a target over the architectures of one family."""
+
+    mean: float
+    std: float
+
+
+def acc_targets(targets: Sequence[str]) -> list[str]:
+    """The accuracy (``acc:<task>``) targets among ``targets``."""
+    return [t for t in targets if t.startswith("acc:")]
+
+
+def _per_graph_values(samples: Sequence[Sample], target: str) -> dict[str, float]:
+    """One value per architecture (accuracy labels repeat over a graph's configurations)."""
+    out: dict[str, float] = {}
+    for s in samples:
+        v = s.labels.get(target)
+        if v is not None and math.isfinite(v):
+            out.setdefault(_fp(s.cg), float(v))
+    return out
+
+
+def level_stats(values: Sequence[float]) -> LevelStats:
+    """Mean and (population) standard deviation; std 1 when the values do not spread."""
+    arr = np.asarray(values, np.float64)
+    if arr.size == 0:
+        raise ValueError("no values to take a level of")
+    std = float(arr.std())
+    return LevelStats(float(arr.mean()), std if std > 1e-12 else 1.0)
+
+
+def family_stats(
+    samples: Sequence[Sample], targets: Sequence[str]
+) -> dict[str, dict[str, LevelStats]]:
+    """``{target: {family: LevelStats}}`` over each family's architectures."""
+    out: dict[str, dict[str, LevelStats]] = {}
+    for t in targets:
+        for fam in sorted({s.family for s in samples}):
+            values = _per_graph_values([s for s in samples if s.family == fam], t)
+            if values:
+                out.setdefault(t, {})[fam] = level_stats(list(values.values()))
+    return out
+
+
+def standardize_families(
+    samples: Sequence[Sample], targets: Sequence[str]
+) -> tuple[list[Sample], dict[str, dict[str, LevelStats]]]:
+    """Copies of ``samples`` whose ``targets`` labels are z-scores within their family, and
+    the statistics used (graphs and configurations are shared, not copied)."""
+    stats = family_stats(samples, targets)
+    out = []
+    for s in samples:
+        labels = dict(s.labels)
+        for t in targets:
+            st = stats.get(t, {}).get(s.family)
+            if st is not None and t in labels and math.isfinite(labels[t]):
+                labels[t] = (labels[t] - st.mean) / st.std
+        out.append(Sample(s.cg, s.config, labels, s.family))
+    return out, stats
+
+
+def _stand(mean: float, std: float) -> Normalizer:
+    return Normalizer("stand", float(mean), float(std), fitted=True)
+
+
+def fit_predictor(
+    pred: Predictor,
+    samples: Sequence[Sample],
+    acc_norm: str = "global",
+    rank_weight: float = 0.0,
+) -> Any:
+    """``pred.fit(samples)``, with accuracy targets standardised per family when ``acc_norm``
+    is ``"family"`` (needs ``tar_norm="stand"``), and with ``rank_weight`` times a pairwise
+    ranking loss on the accuracy targets of the architectures of one family in a batch added to
+    the MSE when it is positive (``pred``'s epochs, batch size, learning rate and seed).
+
+    The network then learns within-family z-scores; its accuracy normalisers are composed with
+    the training families' average level and spread, so zero-shot predictions come out in the
+    label's units (ranking within a family is unaffected), and ``pred.meta["acc_norm"]`` keeps
+    that reference for :func:`relevel_acc`.
+    """
+    if acc_norm not in ACC_NORMS:
+        raise ValueError(f"unknown acc_norm {acc_norm!r}; choose one of {', '.join(ACC_NORMS)}")
+    accs = acc_targets([t for t in pred.targets if any(t in s.labels for s in samples)])
+    if acc_norm == "family" and accs and pred.tar_norm != "stand":
+        raise ValueError(f"acc_norm 'family' needs tar_norm 'stand', not {pred.tar_norm!r}")
+    family = acc_norm == "family" and bool(accs)
+    z, stats = standardize_families(samples, accs) if family else (list(samples), {})
+    if rank_weight > 0 and accs:
+        epochs = pred.epochs
+        pred.epochs = 0  # builds the network and fits the normalisers, trains nothing
+        try:
+            pred.fit(z)
+        finally:
+            pred.epochs = epochs
+        losses = _finetune_loop(
+            pred, z, epochs, epochs, "all", rank_weight, pred.seed, groups=[s.family for s in z]
+        )
+        report = FitReport(epochs=epochs, train_loss=losses)
+    else:
+        report = pred.fit(z)
+    if not family:
+        return report
+    ref = {}
+    for t, by_family in stats.items():
+        avg = LevelStats(
+            float(np.mean([s.mean for s in by_family.values()])),
+            float(np.mean([s.std for s in by_family.values()])),
+        )
+        inner = pred.normalizers[t]  # fitted on the z-scores: about (0, 1)
+        pred.normalizers[t] = _stand(inner.mean * avg.std + avg.mean, inner.std * avg.std)
+        ref[t] = {"mean": avg.mean, "std": avg.std}
+    pred.meta["acc_norm"] = {
+        "kind": "family",
+        "reference": ref,
+        "families": {t: {f: [s.mean, s.std] for f, s in fs.items()} for t, fs in stats.items()},
+    }
+    return report
+
+
+def relevel_acc(
+    pred: Predictor, samples: Sequence[Sample], mode: str = "moments"
+) -> dict[str, LevelStats]:
+    """Re-level ``pred``'s accuracy normalisers (in place) to a new family's labelled
+    ``samples`` by an affine map of the network's output.
+
+    ``moments``: the output scale becomes the family's spread relative to the scale the network
+    learnt in (its training families' average spread under ``acc_norm="family"``, else the
+    normaliser's own), and the offset makes the mean prediction on ``samples`` equal their
+    mean label; monotone increasing, so the ranking of any two architectures is unchanged.
+    ``fit``: least squares of the labels on the outputs over ``samples`` (a 2-parameter
+    calibration); its slope may come out negative, reversing the zero-shot ranking where the
+    family ranks the other way round. Returns the family's statistics per target."""
+    if mode not in RELEVEL_MODES:
+        raise ValueError(f"unknown relevel mode {mode!r}; choose {', '.join(RELEVEL_MODES)}")
+    out: dict[str, LevelStats] = {}
+    ref = pred.meta.get("acc_norm", {}).get("reference", {})
+    for t in acc_targets(pred.targets):
+        values = _per_graph_values(samples, t)
+        if len(values) < 2 or t not in pred.normalizers:
+            continue
+        if pred.normalizers[t].kind != "stand":
+            log.warning("%s: normaliser %s cannot be re-levelled", t, pred.normalizers[t].kind)
+            continue
+        fam = level_stats(list(values.values()))
+        norm = pred.normalizers[t]
+        # the network's raw outputs on these architectures (normalised units)
+        pairs = collect_predictions(pred, samples, [t])[t]
+        raw = (np.asarray(pairs.y_pred) - norm.mean) / norm.std
+        if mode == "fit" and float(raw.std()) > 1e-12:
+            slope, intercept = np.polyfit(raw, np.asarray(pairs.y_true), 1)
+            pred.normalizers[t] = _stand(float(intercept), float(slope))
+        else:
+            scale_ref = float(ref[t]["std"]) if t in ref else norm.std
+            new_std = norm.std * fam.std / scale_ref
+            pred.normalizers[t] = _stand(fam.mean - float(raw.mean()) * new_std, new_std)
+        out[t] = fam
+    return out

@@ -1,0 +1,319 @@
+"""Accuracy ranking within a family: per-family target levels, re-levelling, fine-tune modes,
+the ranking loss, epoch selection without the test set, and the script's flags."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from aiop.cache import Store
+from aiop.cg import from_torch
+from aiop.mconfig import MConfig
+from aiop.models.examples import SmallCNN, TinyResNet
+from aiop.predictor.api import Predictor, Sample
+from aiop.predictor.model import GNNSpec
+from aiop.predictor.train import (
+    clone_predictor,
+    collect_predictions,
+    family_stats,
+    finetune,
+    fit_predictor,
+    load_samples,
+    pairwise_rank_loss,
+    relevel_acc,
+    standardize_families,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+T = "acc:cls"
+TINY_SPEC = {"conv": "graphconv", "layers": 2, "hidden": 8, "head_hidden": 8}
+WIDTHS = (8, 12, 16, 20, 24, 28)
+
+
+def _label(family: str, width: int) -> float:
+    # two families at different levels and spreads, accuracy rising with width in both
+    return 0.5 + width / 100 if family == "cnn" else 0.85 + width / 2000
+
+
+@pytest.fixture(scope="module")
+def graphs() -> dict[tuple[str, int], object]:
+    out = {}
+    for family, cls in (("cnn", SmallCNN), ("res", TinyResNet)):
+        for w in WIDTHS:
+            model = cls(width=w)
+            cg = from_torch(model, (1, *model.input_size), name=f"{family}{w}")
+            cg.meta["fp"] = cg.fingerprint
+            out[(family, w)] = cg
+    return out
+
+
+@pytest.fixture(scope="module")
+def samples(graphs) -> list[Sample]:
+    return [Sample(cg, MConfig(), {T: _label(f, w)}, f) for (f, w), cg in graphs.items()]
+
+
+def _pred(**kw) -> Predictor:
+    return Predictor(
+        spec=GNNSpec(**TINY_SPEC),
+        targets=[T],
+        epochs=kw.pop("epochs", 8),
+        batch_size=4,
+        progress=False,
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def base(samples) -> Predictor:
+    pred = _pred()
+    fit_predictor(pred, [s for s in samples if s.family == "cnn"], "family")
+    return pred
+
+
+def _preds(pred, samples) -> np.ndarray:
+    return np.asarray(collect_predictions(pred, samples, [T])[T].y_pred)
+
+
+# -- per-family levels -------------------------------------------------------------------------
+def test_standardize_families_gives_z_scores_per_family(samples):
+    z, stats = standardize_families(samples, [T])
+    assert set(stats[T]) == {"cnn", "res"}
+    for fam in ("cnn", "res"):
+        values = np.asarray([s.labels[T] for s in z if s.family == fam])
+        assert values.mean() == pytest.approx(0.0, abs=1e-9)
+        assert values.std() == pytest.approx(1.0)
+        raw = [_label(fam, w) for w in WIDTHS]
+        assert stats[T][fam].mean == pytest.approx(np.mean(raw))
+    # the originals are untouched, the graphs shared
+    assert samples[0].labels[T] == _label("cnn", 8) and z[0].cg is samples[0].cg
+
+
+def test_family_stats_count_each_architecture_once(samples):
+    # the same architecture at several configurations must not weigh more
+    doubled = samples + [Sample(s.cg, MConfig.parse("bs=4"), s.labels, s.family) for s in samples]
+    assert family_stats(doubled, [T]) == family_stats(samples, [T])
+
+
+def test_family_norm_is_the_z_score_fit_composed_with_the_average_level(samples):
+    both = [s for s in samples if s.family in ("cnn", "res")]
+    fam = _pred(seed=3)
+    fit_predictor(fam, both, "family")
+    plain = _pred(seed=3)
+    z, stats = standardize_families(both, [T])
+    plain.fit(z)
+    mean = np.mean([st.mean for st in stats[T].values()])
+    std = np.mean([st.std for st in stats[T].values()])
+    np.testing.assert_allclose(_preds(fam, both), _preds(plain, both) * std + mean, rtol=1e-6)
+    assert fam.meta["acc_norm"]["reference"][T]["std"] == pytest.approx(std)
+
+
+def test_fit_with_rank_loss_learns_the_order_within_families(samples):
+    pred = _pred(seed=1, epochs=60)
+    pred.lr = 3e-3
+    report = fit_predictor(pred, samples, "family", rank_weight=2.0)
+    assert len(report.train_loss) == 60 and report.train_loss[-1] < report.train_loss[0]
+    for fam in ("cnn", "res"):
+        ss = [s for s in samples if s.family == fam]
+        assert spearmanr([s.labels[T] for s in ss], _preds(pred, ss))[0] >= 0.8, fam
+    assert "acc_norm" in pred.meta
+
+
+def test_family_norm_needs_stand(samples):
+    pred = _pred(tar_norm="stand_flops")
+    with pytest.raises(ValueError, match="tar_norm 'stand'"):
+        fit_predictor(pred, samples, "family")
+    with pytest.raises(ValueError, match="unknown acc_norm"):
+        fit_predictor(_pred(), samples, "per-task")
+
+
+def test_relevel_keeps_ranking_and_matches_the_family_level(base, samples):
+    res = [s for s in samples if s.family == "res"]
+    before = _preds(base, res)
+    new = clone_predictor(base)
+    stats = relevel_acc(new, res)
+    after = _preds(new, res)
+    assert spearmanr(before, after)[0] == pytest.approx(1.0)
+    assert after.mean() == pytest.approx(np.mean([s.labels[T] for s in res]), rel=1e-6)
+    # the output spread follows the new family's spread relative to the training families'
+    ref = base.meta["acc_norm"]["reference"][T]["std"]
+    assert after.std() == pytest.approx(before.std() * stats[T].std / ref, rel=1e-4)
+    assert _preds(base, res) == pytest.approx(before)  # the base is not modified
+
+
+def test_relevel_fit_is_least_squares_and_may_reverse_the_ranking(base, samples):
+    res = [s for s in samples if s.family == "res"]
+    before = _preds(base, res)
+    # labels that fall exactly linearly as the base's outputs rise: the fit recovers them
+    flipped = [
+        Sample(s.cg, s.config, {T: 0.9 - 0.01 * float(p)}, s.family) for s, p in zip(res, before)
+    ]
+    new = clone_predictor(base)
+    relevel_acc(new, flipped, "fit")
+    after = _preds(new, flipped)
+    np.testing.assert_allclose(after, [s.labels[T] for s in flipped], atol=1e-6)
+    assert spearmanr(before, after)[0] == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="relevel mode"):
+        relevel_acc(new, flipped, "median")
+
+
+# -- fine-tuning ---------------------------------------------------------------------------------
+def test_default_finetune_is_aiops(base, samples):
+    res = [s for s in samples if s.family == "res"][:4]
+    tuned = finetune(base, res, 3)
+    manual = clone_predictor(base)
+    manual.epochs, manual.batch_size, manual.lr = 3, 8, base.lr / 10
+    manual.fit(res, finetune=True)
+    for k, v in tuned.model.state_dict().items():
+        assert torch.equal(v, manual.model.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("params", ["all", "heads", "last"])
+def test_finetune_params_update_only_their_group(base, samples, params):
+    res = [s for s in samples if s.family == "res"]
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    tuned = finetune(base, res, 2, params=params, lr=1e-2, rank_weight=0.5)
+    last = f"heads.{T}.4."  # the heads' last Linear
+    for k, v in tuned.model.state_dict().items():
+        changed = not torch.equal(before[k], v)
+        should = {
+            "all": True,
+            "heads": k.startswith("heads."),
+            "last": k.startswith(last),
+        }[params]
+        if should:
+            assert changed or "norms" in k or "bias" in k, k  # some grads may be exactly zero
+        else:
+            assert not changed, k
+    assert all(p.requires_grad for p in tuned.model.parameters())  # flags restored
+    assert all(torch.equal(before[k], v) for k, v in base.model.state_dict().items())
+    assert tuned.meta["finetune"][-1]["params"] == params
+
+
+def test_pairwise_rank_loss_by_hand():
+    y = torch.tensor([1.0, 2.0, 3.0])
+    perfect = torch.tensor([0.0, 10.0, 20.0])
+    reversed_ = -perfect
+    assert pairwise_rank_loss(perfect, y) < 1e-3
+    # 3 pairs, each margin -10 or -20: softplus(10), softplus(20), softplus(10)
+    expected = (2 * np.log1p(np.exp(10.0)) + np.log1p(np.exp(20.0))) / 3
+    assert float(pairwise_rank_loss(reversed_, y)) == pytest.approx(expected, rel=1e-5)
+    assert pairwise_rank_loss(perfect, torch.tensor([1.0, 1.0, 1.0])) is None
+    # pairs only within a group: a cross-group inversion costs nothing
+    groups = torch.tensor([0, 0, 1])
+    pred = torch.tensor([0.0, 10.0, -50.0])
+    assert float(pairwise_rank_loss(pred, y, groups)) < 1e-3
+
+
+def test_rank_loss_improves_the_ranking_it_trains_on(base, samples):
+    res = [s for s in samples if s.family == "res"]
+    kw = {"lr": 3e-3, "batch_size": 6, "params": "all", "relevel": True}
+    ranked = finetune(base, res, 40, rank_weight=5.0, **kw)
+    truth = [s.labels[T] for s in res]
+    assert spearmanr(truth, _preds(ranked, res))[0] >= 0.9
+
+
+def test_select_folds_chooses_epochs_without_test_data(base, samples):
+    res = [s for s in samples if s.family == "res"]
+    tuned = finetune(base, res, 4, lr=1e-2, relevel=True, select_folds=2)
+    sel = tuned.meta["finetune_selection"][-1]
+    assert 0 <= sel["chosen"] <= 4 and len(sel["oof_srcc"]) == 5
+    assert tuned.meta["finetune"][-1]["epochs"] == sel["chosen"]
+    if sel["chosen"] == 0:  # re-levelled zero-shot: the same ranking as the base
+        assert spearmanr(_preds(base, res), _preds(tuned, res))[0] == pytest.approx(1.0)
+
+
+def test_finetune_rejects_unknown_params(base, samples):
+    with pytest.raises(ValueError, match="fine-tune params"):
+        finetune(base, samples[:2], 1, params="encoder")
+
+
+# -- the script ----------------------------------------------------------------------------------
+def _load_script():
+    spec = importlib.util.spec_from_file_location(
+        "run_gpi_acc_predictor_rank", ROOT / "scripts" / "run_gpi_acc_predictor.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory, graphs) -> Path:
+    path = tmp_path_factory.mktemp("store") / "acc.db"
+    with Store(path) as store:
+        store.put_task("cls", metric="acc")
+        for (family, w), cg in graphs.items():
+            fp = store.put_graph(cg, meta={"family": family, "model": f"{family}{w}"})
+            store.put_label(fp, "", "acc", _label(family, w), task="cls")
+    return path
+
+
+def test_script_with_ranking_flags(store_path, tmp_path, capsys):
+    script = _load_script()
+    out = tmp_path / "out"
+    rc = script.main(
+        [
+            "-cache_file", str(store_path), "-family_test", "res#4", "-targets", "acc",
+            "-epochs", "3", "-num_seeds", "1", "-fine_tune_epochs", "2", "-gnn", "aiop",
+            "-acc_norm", "family", "-acc_rank_weight", "1", "-fine_tune_relevel",
+            "-fine_tune_params", "heads",
+            "-fine_tune_lr", "0.003", "-fine_tune_rank_weight", "1", "-fine_tune_select_folds",
+            "2", "-output_dir", str(out), "-model_name", "r", "-q",
+        ]
+    )  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    result = json.loads((out / "r.json").read_text())
+    assert result["args"]["acc_norm"] == "family" and result["args"]["fine_tune_relevel"]
+    assert set(result["results"]["res"]) == {"noft", "ft"}
+    assert result["split"]["res"]["test_architectures"] == 2
+    (sel,) = result["finetune_selection"]["res"]
+    assert sel["seed"] == 0 and 0 <= sel["chosen"] <= 2 and len(sel["oof_srcc"]) == 3
+
+
+def test_script_relevel_only_keeps_the_zero_shot_ranking(store_path, tmp_path, capsys):
+    script = _load_script()
+    out = tmp_path / "out"
+    rc = script.main(
+        [
+            "-cache_file", str(store_path), "-family_test", "res#3", "-targets", "acc",
+            "-epochs", "3", "-num_seeds", "1", "-gnn", "aiop", "-fine_tune_relevel",
+            "-output_dir", str(out), "-model_name", "z", "-q",
+        ]
+    )  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((out / "z.json").read_text())["results"]["res"]
+    t = "acc:cls"
+    assert res["ft"][t]["srcc"]["mean"] == pytest.approx(res["noft"][t]["srcc"]["mean"])
+    # re-levelled to the fine-tune architectures: far closer than the training family's level
+    assert res["ft"][t]["mape"]["mean"] < res["noft"][t]["mape"]["mean"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["-fine_tune_select_folds", "1"], "-fine_tune_select_folds"),
+        (["-acc_norm", "family", "-tar_norm", "stand_flops"], "-acc_norm family"),
+        (["-fine_tune_lr", "0"], "-fine_tune_lr"),
+        (["-fine_tune_rank_weight", "-1"], "-fine_tune_rank_weight"),
+        (["-acc_rank_weight", "nan"], "-acc_rank_weight"),
+    ],
+)
+def test_script_bad_ranking_flags(store_path, tmp_path, capsys, flags, message):
+    script = _load_script()
+    base = ["-cache_file", str(store_path), "-family_test", "res#4", "-targets", "acc"]
+    rc = script.main([*base, "-output_dir", str(tmp_path), "-q", *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_store_roundtrip_keeps_labels(store_path):
+    loaded = load_samples(store_path, ["acc"])
+    assert {s.family for s in loaded} == {"cnn", "res"} and len(loaded) == 2 * len(WIDTHS)
