@@ -3,15 +3,14 @@ the ranking loss, epoch selection without the test set, and the script's flags."
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from scipy.stats import spearmanr
+from script_helpers import load_script
 
 from aiop.cache import Store
 from aiop.cg import from_torch
@@ -236,13 +235,7 @@ def test_finetune_rejects_unknown_params(base, samples):
 
 # -- the script ----------------------------------------------------------------------------------
 def _load_script():
-    spec = importlib.util.spec_from_file_location(
-        "run_gpi_acc_predictor_rank", ROOT / "scripts" / "run_gpi_acc_predictor.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/run_gpi_acc_predictor.py", "run_gpi_acc_predictor_rank")
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from script_helpers import load_script
 
 from aiop.cache import Store
 from aiop.cg import from_torch
@@ -50,13 +51,7 @@ TINY_SPEC = {"conv": "graphconv", "layers": 2, "hidden": 8, "head_hidden": 8}
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location(
-        "run_gpi_acc_predictor", ROOT / "scripts" / "run_gpi_acc_predictor.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/run_gpi_acc_predictor.py", "run_gpi_acc_predictor")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,20 @@
+"""Load a script of ``scripts/`` or ``benchmarks/`` as a module, to call its ``main`` in the
+test's process (the data sets and models it builds are then shared with the test)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relpath: str, name: str) -> ModuleType:
+    """The module of ``ROOT/relpath``, registered under ``name``."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / relpath)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
