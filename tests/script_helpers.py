@@ -11,9 +11,10 @@ from types import ModuleType
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_script(relpath: str, name: str) -> ModuleType:
-    """The module of ``ROOT/relpath``, registered under ``name``."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / relpath)
+def load_script(path: str | Path, name: str) -> ModuleType:
+    """The module of ``path`` (relative to the repository, or absolute), registered in
+    ``sys.modules`` under ``name`` (dataclasses look their module up there)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)

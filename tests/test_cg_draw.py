@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from script_helpers import load_script
 from torch import nn
 
 from aiop.cg.draw import (
@@ -249,17 +250,12 @@ def test_script_skips_corrupt_file(cnn: ComputeGraph, tmp_path: Path) -> None:
     assert "drew 1 graph(s)" in proc.stdout
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location(
-        "visualize_cgs", REPO / "scripts/visualize_cgs.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_visualize_cgs():
+    return load_script("scripts/visualize_cgs.py", "visualize_cgs")
 
 
 def test_script_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    script = load_script()  # in-process: a subprocess per case would cost seconds of imports
+    script = load_visualize_cgs()  # in-process: a subprocess per case would cost seconds of imports
     good = tmp_path / "g.json"
     chain(3).save(good)
     for args in (
@@ -282,7 +278,7 @@ def test_script_in_process_dot(tmp_path: Path, capsys: pytest.CaptureFixture[str
     good = tmp_path / "g.json"
     chain(3).save(good)
     args = ["-input", str(good), "-output_dir", str(tmp_path / "o"), "-q", "-format", "dot"]
-    code = load_script().main(args)
+    code = load_visualize_cgs().main(args)
     assert code == 0
     assert (tmp_path / "o" / "g.dot").is_file()
     assert "drew 1 graph(s)" in capsys.readouterr().out

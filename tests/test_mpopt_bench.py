@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+from script_helpers import load_script
 
 MB = 1 << 20
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    path = Path(__file__).parents[1] / "benchmarks" / "mpopt.py"
-    spec = importlib.util.spec_from_file_location("mpopt_bench", path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["mpopt_bench"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/mpopt.py", "mpopt_bench")
 
 
 FULL = "bs=32,mb=32,freeze=0,ckpt=0,method=full,prec=fp32,opt=sgd"

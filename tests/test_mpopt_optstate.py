@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -13,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from mpopt_helpers import tiny_retrain_settings
+from script_helpers import load_script
 
 from aiop.cli import load_predictor, main
 from aiop.mconfig import MConfig
@@ -106,13 +105,7 @@ def test_keep_makes_a_fixed_run_independent_of_when_it_replans(
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    path = Path(__file__).parents[1] / "benchmarks" / "mpopt.py"
-    spec = importlib.util.spec_from_file_location("mpopt_bench_optstate", path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["mpopt_bench_optstate"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/mpopt.py", "mpopt_bench_optstate")
 
 
 @pytest.mark.parametrize(

@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from script_helpers import load_script
 
 from aiop.cache import Store
 from aiop.cg import from_torch
@@ -32,14 +31,6 @@ def _truth() -> np.ndarray:
         calls_conv_bwd_fp32=8e-5, opt_elems=1e-9, steps=2e-3,
     )  # fmt: skip
     return np.asarray(list(t.values()))
-
-
-def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +59,7 @@ def store_path(tmp_path_factory) -> Path:
 
 @pytest.mark.slow  # trains GNNs: ~10 CPU-seconds each
 def test_train_predictor_ships_latency(store_path, tmp_path, capsys):
-    script = _load(ROOT / "scripts" / "train_predictor.py", "train_predictor")
+    script = load_script(ROOT / "scripts" / "train_predictor.py", "train_predictor")
     out = tmp_path / "p.safetensors"
     argv = ["-store", str(store_path), "-output", str(out), "-epochs", "3", "-q"]
     assert script.main([*argv, "-holdout", "0.3"]) == 0, capsys.readouterr().err
@@ -84,7 +75,7 @@ def test_train_predictor_ships_latency(store_path, tmp_path, capsys):
 
 @pytest.mark.slow  # trains GNNs: ~10 CPU-seconds each
 def test_gpi_script_latency(store_path, tmp_path, capsys):
-    script = _load(ROOT / "scripts" / "run_gpi_acc_predictor.py", "run_gpi_latency")
+    script = load_script(ROOT / "scripts" / "run_gpi_acc_predictor.py", "run_gpi_latency")
     for extra in ([], ["-no_analytic", "-gnn", "aiop"]):
         rc = script.main(
             [
@@ -100,7 +91,7 @@ def test_gpi_script_latency(store_path, tmp_path, capsys):
 
 @pytest.mark.slow  # trains GNNs: ~10 CPU-seconds each
 def test_latency_benchmark_on_tiny_store(store_path, tmp_path):
-    bench = _load(ROOT / "benchmarks" / "predictor_latency.py", "predictor_latency_bench")
+    bench = load_script(ROOT / "benchmarks" / "predictor_latency.py", "predictor_latency_bench")
     argv = ["-store", str(store_path), "-families", "cnn", "res", "-epochs", "1", "-q"]
     assert bench.main([*argv, "-out", str(tmp_path), "-name", "t", "-holdout", "0.34"]) == 0
     result = json.loads((tmp_path / "t.json").read_text())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -254,11 +253,7 @@ def test_script_end_to_end(store_path, tmp_path, capsys):
 
 
 def test_benchmark_on_tiny_store(store_path, tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "predictor_accuracy", ROOT / "benchmarks" / "predictor_accuracy.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/predictor_accuracy.py", "predictor_accuracy")
     out = tmp_path / "acc"
     argv = ["-store", str(store_path), "-families", "cnn", "res", "-epochs", "1", "-q"]
     assert bench.main([*argv, "-targets", "memory", "-out", str(out)]) == 0

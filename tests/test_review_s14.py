@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -13,6 +12,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from script_helpers import load_script
 
 from aiop import cli
 from aiop.cg import graph_for_model
@@ -21,15 +21,6 @@ from aiop.mpopt.planner import frozen_shares
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
-
-
-def _load(path: Path, name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 # -- aiop … | head: a closed stdout ends the command quietly -------------------------------
@@ -111,7 +102,7 @@ def test_bad_input_still_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.fixture(scope="module")
 def results() -> ModuleType:
-    return _load(BENCHMARKS / "_results.py", "bench_results")
+    return load_script(BENCHMARKS / "_results.py", "bench_results")
 
 
 def test_write_results_format(results: ModuleType, tmp_path: Path) -> None:
@@ -173,7 +164,7 @@ WRITERS = [
 def test_benchmarks_load_the_shared_writer_from_their_file(name: str) -> None:
     """Tests load benchmarks from their file (``benchmarks/`` not on ``sys.path``); the
     sibling import must work then as it does under ``python benchmarks/NAME.py``."""
-    module = _load(BENCHMARKS / f"{name}.py", f"review_s14_{name}")
+    module = load_script(BENCHMARKS / f"{name}.py", f"review_s14_{name}")
     assert module.write_results.__module__ == "_results"
     source = (BENCHMARKS / f"{name}.py").read_text()
     assert ".write_text(json.dumps" not in source  # the tail goes through write_results

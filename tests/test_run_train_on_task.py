@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from script_helpers import load_script
 
 from aiop.cache import Store
 from aiop.tasks.recipes import DEFAULT_RECIPE, label_tag
@@ -36,10 +36,7 @@ def _run(script: Path, *args: str) -> subprocess.CompletedProcess:
 
 def _script(path: Path):
     """Import a script as a module, to call its ``main(argv)`` in this process (fast)."""
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(path, path.stem)
 
 
 def _acc(store: Path, tag: str) -> dict[str, float]:

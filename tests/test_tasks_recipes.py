@@ -197,12 +197,10 @@ def test_pseudo_label_benchmark_names_sets_per_task() -> None:
     """benchmarks/pseudo_labels.py under v3 reuses v2's classification sets (those in
     data/task_labels.db) and gives pose sets of its own."""
     import argparse
-    import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pseudo_labels.py"
-    spec = importlib.util.spec_from_file_location("pseudo_labels_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from script_helpers import load_script
+
+    bench = load_script("benchmarks/pseudo_labels.py", "pseudo_labels_bench")
     args = argparse.Namespace(recipe="v3", pool=4, head_steps=200, mode="swap", ft_epochs=1, seed=7)
     assert bench.tags(args, "ofa_mbv3", "classification") == {
         "individual": "individual-v2",
