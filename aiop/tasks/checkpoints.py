@@ -40,10 +40,16 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: str | os.PathLike[str], fmt: str, what: str, error: type[ValueError]
+    path: str | os.PathLike[str],
+    fmt: str,
+    what: str,
+    error: type[ValueError],
+    *,
+    tensors: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, metadata) of a checkpoint whose metadata names format ``fmt``; ``error``
-    (one line, naming ``what`` the file should be) when it is missing or not one."""
+    (one line, naming ``what`` the file should be) when it is missing or not one. With
+    ``tensors=False`` only the header is read (the tensors come back empty)."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -52,7 +58,8 @@ def load_checkpoint(
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("aiop")
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+            keys = f.keys() if tensors else []
+            state = {k: f.get_tensor(k) for k in keys}
     except (SafetensorError, OSError, ValueError) as exc:
         raise error(f"{path}: not a safetensors {what} checkpoint ({exc})") from None
     try:

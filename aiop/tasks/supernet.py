@@ -344,8 +344,9 @@ def train_supernet(
         log.info("resuming %s after epoch %d", path, start_epoch)
     steps_per_epoch = len(_loader(cfg, 0))
     total = cfg.epochs * steps_per_epoch
-    largest, smallest = largest_arch(cfg.family, cfg.resolution), smallest_arch(cfg.family)
-    smallest["resolution"] = cfg.resolution
+    largest = largest_arch(cfg.family, cfg.resolution)
+    smallest = smallest_arch(cfg.family, cfg.resolution)
+    params = dict(model.named_parameters())  # the views of every subnet slice these
     bar = tqdm(total=total, initial=step, desc=f"supernet {cfg.family}", disable=not progress)
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -360,7 +361,6 @@ def train_supernet(
                 sample_arch(cfg.family, rng.randrange(2**31)) for _ in range(cfg.n_random)
             ]
             loss_sum = 0.0
-            params = dict(model.named_parameters())
             for arch in archs:
                 if arch is largest:
                     out = model(images)
@@ -451,11 +451,12 @@ def save_supernet(
 
 
 def load_supernet(
-    path: str | os.PathLike[str], cfg: SupernetConfig | None = None
+    path: str | os.PathLike[str], cfg: SupernetConfig | None = None, *, tensors: bool = True
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict, metadata) of a supernet checkpoint; :class:`SupernetError` when it is not
-    one, or (given ``cfg``) was trained under another config."""
-    state, meta = load_checkpoint(path, FORMAT, "supernet", SupernetError)
+    one, or (given ``cfg``) was trained under another config. ``tensors=False``: the
+    metadata only (the state dict comes back empty)."""
+    state, meta = load_checkpoint(path, FORMAT, "supernet", SupernetError, tensors=tensors)
     if cfg is not None and meta.get("key") != cfg.key():
         raise SupernetError(
             f"{path}: trained under another config ({meta.get('config')}); "
@@ -499,7 +500,8 @@ def ensure_supernet(
 
 
 def _complete(path: Path, cfg: SupernetConfig) -> bool:
-    return path.is_file() and bool(load_supernet(path, cfg)[1].get("complete"))
+    # the header only: this runs before every inherited label, the tensors are cached apart
+    return path.is_file() and bool(load_supernet(path, cfg, tensors=False)[1].get("complete"))
 
 
 def supernet_state(
@@ -545,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
             if overrides:
                 cfg = SupernetConfig(**{**cfg.to_dict(), **overrides})
             path = ensure_supernet(cfg, args.cache_dir, progress=not args.quiet)
-            meta = load_supernet(path, cfg)[1]
+            meta = load_supernet(path, cfg, tensors=False)[1]
             if args.json:
                 print(json.dumps({"path": str(path), **meta}))
             else:

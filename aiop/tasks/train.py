@@ -63,6 +63,16 @@ DEFAULT_RESOLUTION: dict[str, int] = {
 }
 MAX_DETECTIONS = 20
 INITS: tuple[str, ...] = ("scratch", "supernet")
+
+
+def check_init(init: str) -> str:
+    """``init`` if it is one of :data:`INITS` (where a backbone's weights start), else a
+    one-line error naming them."""
+    if init not in INITS:
+        raise ValueError(f"unknown backbone init {init!r}; valid: {', '.join(INITS)}")
+    return init
+
+
 # Background covers most pixels of a scene: at full weight a short training run learns to
 # predict background everywhere (mIoU ≈ 1/11). Down-weighting it makes digits pay off early.
 BACKGROUND_WEIGHT = 0.1
@@ -438,8 +448,7 @@ class TrainConfig:
     init: str = "scratch"
 
     def __post_init__(self) -> None:
-        if self.init not in INITS:
-            raise ValueError(f"unknown backbone init {self.init!r}; valid: {', '.join(INITS)}")
+        check_init(self.init)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -625,8 +634,7 @@ def build_task_model(
     from aiop.tasks.heads import DEFAULT_WIDTH
 
     resolution = resolution or DEFAULT_RESOLUTION[check_task(task)]
-    if init not in INITS:
-        raise ValueError(f"unknown backbone init {init!r}; valid: {', '.join(INITS)}")
+    check_init(init)
     torch.manual_seed(seed)
     backbone = build(spec, num_classes=NUM_CLASSES, resolution=resolution)
     model = TaskModel(
