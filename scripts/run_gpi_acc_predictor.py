@@ -14,7 +14,11 @@ fine-tunes the heads only, ``-fine_tune_rank_weight`` / ``-acc_rank_weight`` add
 ranking loss (fine-tune / training), ``-fine_tune_select_folds K`` picks the fine-tune epochs
 (0 allowed) by out-of-fold SRCC on the ``#N`` architectures, ``-acc_norm family`` trains on
 within-family z-scores; without them the fine-tune is AIO-P's (benchmarks/results/
-acc_predictor_v4/README.md compares them; its selected protocol re-levels only)::
+acc_predictor_v4/README.md compares them; its selected protocol re-levels only).
+``-fine_tune_joint`` instead trains the network on the ``#N`` architectures together with the
+training families from the start (variant ``joint``): with tens of labelled architectures of
+the family this ranks its other architectures far better than any fine-tune of a network that
+never saw them (benchmarks/results/acc_predictor_v4_joint/README.md)::
 
     python scripts/run_gpi_acc_predictor.py -cache_file data/task_labels.db \
         -family_test 'ofa_mbv3#20' -targets acc:classification -acc_mode individual-v4 \
@@ -26,7 +30,7 @@ latency model's device constants are fitted on the training families only.
 Trains on ``-family_train`` (default: every family not held out), holds out
 the families of ``-family_test`` (``A#N``: N architectures of A fine-tune, the
 rest of A is the test set; the same for every seed), and reports per held-out
-family and variant (``noft``, ``ft``, ``kadapt_noft``, ``kadapt_ft``) MAE,
+family and variant (``noft``, ``ft``, ``kadapt_noft``, ``kadapt_ft``, ``joint``) MAE,
 MAPE, median/p95 APE, SRCC, Kendall τ and the shares within ±5 %/±10 %, as mean
 ± std over ``-num_seeds`` seeds. Writes ``<model_name>.json`` and one
 predicted-vs-measured PNG per target and held-out family into ``-output_dir``.
@@ -53,7 +57,7 @@ from aiop.predictor.train import (
 )
 
 LOG = logging.getLogger("run_gpi_acc_predictor")
-VARIANTS = ("noft", "ft", "kadapt_noft", "kadapt_ft")
+VARIANTS = ("noft", "ft", "kadapt_noft", "kadapt_ft", "joint")
 UNITS = {"memory": "bytes", "latency": "s", "flops": "FLOPs"}
 
 
@@ -129,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
         "spread (moments, the default), or by least squares on the #N architectures (fit)",
     )
     p.add_argument(
+        "-fine_tune_joint",
+        action="store_true",
+        help="train on the #N architectures of each held-out family together with the "
+        "training families from the start (variant 'joint'), instead of fine-tuning afterwards",
+    )
+    p.add_argument(
         "-fine_tune_rank_weight",
         type=float,
         default=0.0,
@@ -197,6 +207,15 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("-acc_norm family needs -tar_norm stand")
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", args.model_name):
         raise UsageError(f"-model_name {args.model_name!r}: use letters, digits, _ . - only")
+    if args.fine_tune_joint and (
+        args.fine_tune_epochs or args.fine_tune_relevel or args.k_adapt is not None
+    ):
+        # the joint network has seen the #N architectures: a fine-tune on them adds nothing
+        # that could be scored apart from it
+        raise UsageError(
+            "-fine_tune_joint trains on the #N architectures itself; it does not combine with "
+            "-fine_tune_epochs, -fine_tune_relevel or -k_adapt"
+        )
     if args.k_adapt is not None and not args.family_k:
         raise UsageError("-k_adapt needs -family_k FAMILY [FAMILY ...] to train adapters on")
 
@@ -272,9 +291,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     f"-family_k {f!r} is held out: adapters must not see test families"
                 )
         k_samples = [s for s in samples if s.family in args.family_k]
+    held = list(split.test)
+    train = list(split.train)
+    if args.fine_tune_joint:
+        if not any(split.finetune.values()):
+            raise UsageError("-fine_tune_joint needs #N architectures: -family_test A#N")
+        train += [s for family in held for s in split.finetune[family]]
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    held = list(split.test)
     per_seed: dict[str, dict[str, dict[str, list[dict[str, float]]]]] = {}
     pairs: dict[tuple[str, str, str], tuple[list[float], list[float]]] = {}
     steps = args.num_seeds * (1 + len(held))
@@ -309,7 +333,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         if not split.train:
             raise UsageError("no training samples in -family_train")
-        fit_predictor(base, split.train, args.acc_norm, args.acc_rank_weight)
+        fit_predictor(base, train, args.acc_norm, args.acc_rank_weight)
         if args.save_predictor and i == 0:
             base.save(out_dir / f"{args.model_name}_seed{seed}.safetensors")
         kp = None
@@ -321,7 +345,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         bar.update(1)
         for family in held:
             bar.set_postfix(seed=seed, step=family)
-            score("noft", family, base)
+            score("joint" if args.fine_tune_joint else "noft", family, base)
             ft_set = split.finetune[family]
             # -fine_tune_relevel with -fine_tune_epochs 0: the re-levelled zero-shot network
             if (args.fine_tune_epochs or args.fine_tune_relevel) and ft_set:

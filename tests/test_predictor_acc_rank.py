@@ -297,6 +297,8 @@ def test_script_relevel_only_keeps_the_zero_shot_ranking(store_path, tmp_path, c
         (["-fine_tune_lr", "0"], "-fine_tune_lr"),
         (["-fine_tune_rank_weight", "-1"], "-fine_tune_rank_weight"),
         (["-acc_rank_weight", "nan"], "-acc_rank_weight"),
+        (["-fine_tune_joint", "-fine_tune_epochs", "2"], "-fine_tune_joint"),
+        (["-fine_tune_joint", "-fine_tune_relevel"], "-fine_tune_joint"),
     ],
 )
 def test_script_bad_ranking_flags(store_path, tmp_path, capsys, flags, message):
@@ -307,6 +309,72 @@ def test_script_bad_ranking_flags(store_path, tmp_path, capsys, flags, message):
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
+def _run_joint(script, store_path, out, name, *flags):
+    return script.main(
+        [
+            "-cache_file", str(store_path), "-family_test", "res#3", "-targets", "acc",
+            "-epochs", "30", "-num_seeds", "1", "-gnn", "aiop", "-output_dir", str(out),
+            "-model_name", name, "-q", *flags,
+        ]
+    )  # fmt: skip
+
+
+def test_script_joint_trains_on_the_finetune_architectures(store_path, tmp_path, capsys):
+    script = _load_script()
+    out = tmp_path / "out"
+    assert _run_joint(script, store_path, out, "j", "-fine_tune_joint") == 0
+    assert _run_joint(script, store_path, out, "z") == 0, capsys.readouterr().err
+    joint = json.loads((out / "j.json").read_text())
+    zero = json.loads((out / "z.json").read_text())["results"]["res"]["noft"]["acc:cls"]
+    assert set(joint["results"]["res"]) == {"joint"}
+    assert joint["split"]["res"]["test_architectures"] == len(WIDTHS) - 3
+    # the same held-out architectures, but the network has seen the family's level
+    assert joint["results"]["res"]["joint"]["acc:cls"]["mape"]["mean"] < zero["mape"]["mean"]
+
+
+def test_script_joint_needs_finetune_architectures(store_path, tmp_path, capsys):
+    script = _load_script()
+    base = ["-cache_file", str(store_path), "-family_test", "res", "-targets", "acc"]
+    rc = script.main([*base, "-output_dir", str(tmp_path), "-q", "-fine_tune_joint"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "needs #N" in err and len(err.strip().splitlines()) == 1
+
+
 def test_store_roundtrip_keeps_labels(store_path):
     loaded = load_samples(store_path, ["acc"])
     assert {s.family for s in loaded} == {"cnn", "res"} and len(loaded) == 2 * len(WIDTHS)
+
+
+def test_joint_benchmark_curves_and_resume(store_path, tmp_path, capsys):
+    bench = load_script("benchmarks/acc_predictor_joint.py", "acc_predictor_joint")
+    argv = [
+        "--store", str(store_path), "--task", "cls", "--acc_mode", "any", "--families", "res",
+        "--n_max", "4", "--ns", "0", "2", "4", "--seeds", "1", "--epochs", "20",
+        "--gnn", "aiop", "--out", str(tmp_path), "--name", "j", "-q",
+    ]  # fmt: skip
+    assert bench.main(argv) == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "j.json").read_text())
+    assert result["families"]["res"] == {"pool": 4, "test": 2, "other_archs": len(WIDTHS)}
+    rows = {(r["variant"], r["n"]) for r in result["summary"].values()}
+    assert rows == {("joint", 0), ("joint", 2), ("joint", 4), ("family", 2), ("family", 4)}
+    assert (tmp_path / "j.png").stat().st_size > 0 and "| res | joint | 4 |" in (
+        tmp_path / "j.md"
+    ).read_text()
+    # the zero-shot network never saw the family's level; the joint one saw 4 of its 6
+    zero = result["summary"]["res|joint|0"]["metrics"]["mape"]["mean"]
+    assert result["summary"]["res|joint|4"]["metrics"]["mape"]["mean"] < zero
+    # a rerun with the same settings resumes: nothing left to train, the same summary
+    runs = (tmp_path / "j_runs.jsonl").read_text()
+    assert bench.main(argv) == 0
+    assert (tmp_path / "j_runs.jsonl").read_text() == runs
+    assert json.loads((tmp_path / "j.json").read_text())["summary"] == result["summary"]
+
+
+def test_joint_benchmark_bad_input(store_path, tmp_path, capsys):
+    bench = load_script("benchmarks/acc_predictor_joint.py", "acc_predictor_joint")
+    base = ["--store", str(store_path), "--task", "cls", "--acc_mode", "any", "-q"]
+    assert bench.main([*base, "--families", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown family 'nope'" in capsys.readouterr().err
+    assert bench.main([*base, "--families", "res", "--n_max", "4", "--ns", "5"]) == 2
+    assert "--ns 5" in capsys.readouterr().err
+    assert bench.main(["--store", str(tmp_path / "none.db"), "--families", "res"]) == 2

@@ -1,0 +1,288 @@
+#!/usr/bin/env python
+"""How many labelled architectures of a family the accuracy predictor needs to rank the rest.
+
+For each family T, a fixed test set is held out (every architecture of T outside the
+``#n_max`` pool that ``run_gpi_acc_predictor.py -family_test T#n_max`` would pick with the
+same split seed). The GNN then trains, per ``n`` in ``--ns`` and per seed, on
+
+* ``joint``: every other family plus the first ``n`` architectures of T's pool (``n = 0``
+  is zero-shot: only the other families), as ``run_gpi_acc_predictor.py -fine_tune_joint``;
+* ``family``: the first ``n`` architectures of T's pool alone (``--no_family_only`` skips it),
+
+and is scored on the same test set (SRCC, Kendall τ, MAPE). The pool's order is fixed, so
+the ``n`` sets are nested and the curves differ only by how much of T the network saw.
+
+    python benchmarks/acc_predictor_joint.py --store data/task_labels.db \
+        --task classification --families ofa_mbv3 ofa_pn --n_max 150 --ns 0 20 50 100 150
+
+Every run is appended to ``NAME_runs.jsonl`` as it finishes; a rerun with the same settings
+skips the runs already there (an interrupted study resumes). Writes ``NAME.json``,
+``NAME.md`` and ``NAME.png`` (SRCC against ``n``) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _results import write_results
+
+TARGET_SRCC = 0.8  # issue #5: SRCC within a family on held-out architectures
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--store", default="data/task_labels.db")
+    p.add_argument("--task", default="classification")
+    p.add_argument("--acc_mode", default=None, help="label set (default: the task's v4 set)")
+    p.add_argument("--families", nargs="+", required=True, help="families to hold out in turn")
+    p.add_argument("--n_max", type=int, default=150, help="size of the labelled pool of T")
+    p.add_argument("--ns", type=int, nargs="+", default=[0, 20, 50, 100, 150])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--split_seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--gnn", default="default")
+    p.add_argument("--acc_norm", default="global", choices=["global", "family"])
+    p.add_argument("--no_family_only", action="store_true", help="skip the T-only curve")
+    p.add_argument("--out", default="benchmarks/results/acc_predictor_v4_joint")
+    p.add_argument("--name", default=None, help="result stem (default: acc_joint_TASK)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("store", "task", "acc_mode", "n_max", "split_seed", "epochs", "batch_size", "lr")
+    return {k: getattr(args, k) for k in (*keys, "gnn", "acc_norm")}
+
+
+def _run_key(run: dict[str, Any]) -> tuple[Any, ...]:
+    return (run["family"], run["variant"], run["n"], run["seed"])
+
+
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    from aiop.predictor.metrics import mean_std
+
+    groups: dict[tuple[str, str, int], list[dict[str, float]]] = {}
+    for r in runs:
+        groups.setdefault((r["family"], r["variant"], r["n"]), []).append(r["metrics"])
+    return {
+        f"{f}|{v}|{n}": {"family": f, "variant": v, "n": n, "metrics": mean_std(ms)}
+        for (f, v, n), ms in sorted(groups.items())
+    }
+
+
+def _markdown(args: argparse.Namespace, summary: dict[str, Any], meta: dict[str, Any]) -> str:
+    lines = [
+        f"# Accuracy predictor: labelled architectures of a family vs SRCC ({args.task})",
+        "",
+        f"Command: `python benchmarks/acc_predictor_joint.py {' '.join(sys.argv[1:])}`",
+        "",
+        "Fixed test set per family (the architectures outside its `#n_max` pool); "
+        "`joint` trains on the other families plus `n` of the pool, `family` on the `n` "
+        f"alone; {args.seeds} seed(s), mean ± std. Target: SRCC ≥ {TARGET_SRCC}.",
+        "",
+    ]
+    for fam, info in meta.items():
+        lines.append(
+            f"* {fam}: pool {info['pool']}, test {info['test']} architectures, other families "
+            f"{info['other_archs']} architectures"
+        )
+    lines += [
+        "",
+        "| family | variant | n | SRCC | Kendall τ | MAPE % |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in summary.values():
+
+        def cell(key: str, scale: float = 1.0, digits: int = 3, row: dict = row) -> str:
+            s = row["metrics"].get(key, {})
+            if "mean" not in s:
+                return "–"
+            return f"{s['mean'] * scale:.{digits}f} ± {s['std'] * scale:.{digits}f}"
+
+        lines.append(
+            f"| {row['family']} | {row['variant']} | {row['n']} | {cell('srcc')} | "
+            f"{cell('kendall')} | {cell('mape', 1, 2)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _plot(summary: dict[str, Any], path: Path, task: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    curves: dict[tuple[str, str], list[tuple[int, float, float]]] = {}
+    for row in summary.values():
+        s = row["metrics"].get("srcc", {})
+        if "mean" in s:
+            curves.setdefault((row["family"], row["variant"]), []).append(
+                (row["n"], s["mean"], s["std"])
+            )
+    for (fam, var), pts in sorted(curves.items()):
+        pts.sort()
+        ax.errorbar(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            yerr=[p[2] for p in pts],
+            marker="o" if var == "joint" else "s",
+            linestyle="-" if var == "joint" else "--",
+            capsize=3,
+            label=f"{fam} ({var})",
+        )
+    ax.axhline(TARGET_SRCC, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("labelled architectures of the family in training (n)")
+    ax.set_ylabel("SRCC on the family's held-out architectures")
+    ax.set_title(f"accuracy predictor, {task}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from tqdm import tqdm
+
+    from aiop.predictor.api import Predictor
+    from aiop.predictor.metrics import regression_metrics
+    from aiop.predictor.train import (
+        ACC_MODE,
+        _fp,
+        collect_predictions,
+        fit_predictor,
+        load_samples,
+        make_spec,
+        parse_acc_mode,
+        split_by_family,
+    )
+
+    torch.set_num_threads(1)
+    target = f"acc:{args.task}"
+    acc_mode = ACC_MODE if args.acc_mode is None else parse_acc_mode(args.acc_mode)
+    samples = load_samples(args.store, [target], acc_mode=acc_mode)
+    if not samples:
+        raise ValueError(f"{args.store}: no {target} labels")
+    name = args.name or f"acc_joint_{args.task}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs_path = out / f"{name}_runs.jsonl"
+    settings = _settings(args)
+    runs: list[dict[str, Any]] = []
+    if runs_path.exists():  # resume: keep the runs made with the same settings
+        for line in runs_path.read_text().splitlines():
+            r = json.loads(line)
+            if r.get("settings") == settings:
+                runs.append(r)
+    done = {_run_key(r) for r in runs}
+    plan: list[tuple[str, str, int, int]] = []
+    meta: dict[str, Any] = {}
+    splits: dict[str, tuple[list[Any], list[Any], list[Any]]] = {}
+    for fam in args.families:
+        split = split_by_family(samples, f"{fam}#{args.n_max}", args.split_seed)
+        pool = list(split.finetune_graphs[fam])
+        random.Random(f"aiop-joint:{args.split_seed}:{fam}").shuffle(pool)
+        rank = {fp: i for i, fp in enumerate(pool)}
+        pool_samples = sorted(split.finetune[fam], key=lambda s: rank[_fp(s.cg)])
+        splits[fam] = (split.train, pool_samples, split.test[fam])
+        meta[fam] = {
+            "pool": len(pool),
+            "test": len({_fp(s.cg) for s in split.test[fam]}),
+            "other_archs": len({_fp(s.cg) for s in split.train}),
+        }
+        for n in args.ns:
+            if n > args.n_max:
+                raise ValueError(f"--ns {n} is larger than --n_max {args.n_max}")
+            variants = ["joint"] + (["family"] if n >= 2 and not args.no_family_only else [])
+            for var in variants:
+                for seed in range(args.seeds):
+                    if (fam, var, n, seed) not in done:
+                        plan.append((fam, var, n, seed))
+    t0 = time.perf_counter()
+    for fam, var, n, seed in tqdm(plan, desc=name, disable=args.quiet):
+        others, pool_samples, test = splits[fam]
+        first = _first_archs([_fp(s.cg) for s in pool_samples], n)
+        chosen = [s for s in pool_samples if _fp(s.cg) in first]
+        train = chosen if var == "family" else [*others, *chosen]
+        pred = Predictor(
+            spec=make_spec(args.gnn),
+            targets=[target],
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=seed,
+            progress=False,
+        )
+        t1 = time.process_time()
+        fit_predictor(pred, train, args.acc_norm)
+        pr = collect_predictions(pred, test, [target])[target]
+        run = {
+            "settings": settings,
+            "family": fam,
+            "variant": var,
+            "n": n,
+            "seed": seed,
+            "metrics": regression_metrics(pr.y_true, pr.y_pred),
+            "cpu_seconds": round(time.process_time() - t1, 1),
+        }
+        runs.append(run)
+        with runs_path.open("a") as fh:  # one line per finished run: a killed study resumes
+            fh.write(json.dumps(run) + "\n")
+    summary = _summary(runs)
+    result = {
+        "settings": settings,
+        "families": meta,
+        "summary": summary,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "runs": len(runs),
+    }
+    write_results(out, name, result, _markdown(args, summary, meta))
+    png = out / f"{name}.png"
+    _plot(summary, png, args.task)
+    result["plot"] = str(png)
+    return result
+
+
+def _first_archs(fps: list[str], n: int) -> set[str]:
+    """The first ``n`` distinct fingerprints of ``fps``, in order."""
+    seen: list[str] = []
+    for fp in fps:
+        if fp not in seen:
+            seen.append(fp)
+            if len(seen) == n:
+                break
+    return set(seen[:n])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not Path(args.store).is_file():
+        print(f"acc_predictor_joint: error: no store at {args.store}", file=sys.stderr)
+        return 2
+    try:
+        result = run(args)
+    except ValueError as exc:  # a bad split, an unknown family or task: one line
+        print(f"acc_predictor_joint: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    for row in result["summary"].values():
+        s = row["metrics"].get("srcc", {})
+        print(
+            f"{row['family']:<12} {row['variant']:<7} n={row['n']:<4} "
+            f"SRCC {s.get('mean', float('nan')):.3f} ± {s.get('std', float('nan')):.3f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
