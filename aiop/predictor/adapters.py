@@ -24,7 +24,6 @@ import copy
 import json
 import logging
 import math
-import random
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -41,6 +40,7 @@ from aiop.predictor.api import (
     Sample,
     file_header,
     read_weights,
+    train_epochs,
     write_weights,
 )
 from aiop.predictor.model import (
@@ -212,61 +212,6 @@ class KAdapterNet(nn.Module):
         return self.heads_forward(self.encode(data), config, analytic)
 
 
-def _train(
-    model: nn.Module,
-    params: list[nn.Parameter],
-    loss_fn,
-    n: int,
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float,
-    grad_clip: float,
-    seed: int,
-    progress: bool,
-    desc: str,
-) -> FitReport:
-    """Adam over ``params`` only; every other parameter of ``model`` is frozen meanwhile."""
-    from tqdm import tqdm
-
-    train_ids = {id(p) for p in params}
-    saved = {id(p): p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in train_ids)
-    report = FitReport(epochs=epochs)
-    t0 = time.perf_counter()
-    try:
-        torch.manual_seed(seed)
-        rng = random.Random(seed)
-        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
-        order = list(range(n))
-        model.train()
-        for _ in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
-            rng.shuffle(order)
-            total, count = 0.0, 0
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
-                loss = loss_fn(idx)
-                if loss is None:
-                    continue
-                opt.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-                opt.step()
-                total += loss.item() * len(idx)
-                count += len(idx)
-            sched.step()
-            report.train_loss.append(total / max(count, 1))
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(saved[id(p)])
-        model.eval()
-    report.seconds = time.perf_counter() - t0
-    return report
-
-
 class KAdapterPredictor(Predictor):
     """A fitted base :class:`Predictor` (frozen) plus one adapter per task family.
 
@@ -308,17 +253,6 @@ class KAdapterPredictor(Predictor):
             # the base's targets are ratios to its analytic estimates: keep them
             self.analytic = base.analytic
             self.latency_model = base.latency_model
-
-    # -- data -------------------------------------------------------------------------------
-    def _tensors(self, samples: Sequence[Sample]):
-        graphs, configs, analytic, peaks = self._rows(samples)
-        y = self._target_matrix(samples, peaks)
-        return (
-            graphs,
-            torch.from_numpy(configs),
-            torch.from_numpy(analytic),
-            torch.tensor(y, dtype=torch.float32),
-        )
 
     # -- training ---------------------------------------------------------------------------
     def fit(self, samples: Sequence[Sample], finetune: bool = False) -> FitReport:
@@ -368,7 +302,7 @@ class KAdapterPredictor(Predictor):
                 out = self.model.adapter_forward(k, emb, a_emb, cfg[ids], ana[ids])
                 return self._loss(out, y[ids])
 
-            sub = _train(
+            sub = train_epochs(
                 self.model,
                 list(adapter.parameters()),
                 loss_fn,
@@ -419,7 +353,7 @@ class KAdapterPredictor(Predictor):
             out = model.heads_forward(torch.cat([emb, *parts], 1), cfg[idx], ana[idx])
             return self._loss(out, y[idx])
 
-        report = _train(
+        report = train_epochs(
             model,
             params,
             loss_fn,

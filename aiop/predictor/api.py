@@ -31,7 +31,7 @@ import math
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,89 @@ class FitReport:
     epochs: int
     train_loss: list[float] = field(default_factory=list)
     seconds: float = 0.0
+
+
+# One batch's loss from the indices of its samples (None: nothing labelled in it, no step).
+BatchLoss = Callable[[list[int]], torch.Tensor | None]
+
+
+def train_epochs(
+    model: torch.nn.Module,
+    params: Sequence[torch.nn.Parameter],
+    batch_loss: BatchLoss,
+    n: int,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    grad_clip: float,
+    seed: int,
+    seed_torch: bool = True,
+    stop: int | None = None,
+    on_epoch: Callable[[int], None] | None = None,
+    progress: bool = False,
+    desc: str = "fit",
+) -> FitReport:
+    """The training loop of every predictor (:meth:`Predictor.fit`, the fine-tunes and fits of
+    :mod:`aiop.predictor.train`, the K-adapters): Adam on ``params`` with a cosine schedule
+    over ``epochs``, gradients clipped to ``grad_clip``, ``n`` samples shuffled each epoch by
+    ``random.Random(seed)`` into batches of ``batch_size`` whose loss ``batch_loss`` gives.
+
+    Every other parameter of ``model`` is frozen meanwhile (its ``requires_grad`` flag is
+    restored afterwards). ``seed_torch``: seed torch's generator (dropout) with ``seed`` first;
+    :meth:`Predictor.fit` seeds it before building the network instead, so that the initial
+    weights and the training draw from one stream. ``stop``: end after that many epochs of
+    the ``epochs``-long schedule (early stopping); ``on_epoch(e)`` runs with the model in eval
+    mode before the first epoch (``e = 0``) and after each. The report's ``train_loss`` is each
+    epoch's sample-weighted mean batch loss; ``model`` is left in eval mode.
+    """
+    from tqdm import tqdm
+
+    stop = epochs if stop is None else stop
+    train_ids = {id(p) for p in params}
+    saved = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in train_ids)
+    report = FitReport(epochs=stop)
+    t0 = time.perf_counter()
+    try:
+        if seed_torch:
+            torch.manual_seed(seed)
+        rng = random.Random(seed)
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
+        order = list(range(n))
+        if on_epoch is not None:
+            on_epoch(0)
+        bar = tqdm(range(1, stop + 1), desc=desc, disable=not progress, leave=False)
+        for epoch in bar:
+            model.train()
+            rng.shuffle(order)
+            total, count = 0.0, 0
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                loss = batch_loss(idx)
+                if loss is None:
+                    continue
+                opt.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                opt.step()
+                total += loss.item() * len(idx)
+                count += len(idx)
+            sched.step()
+            report.train_loss.append(total / max(count, 1))
+            bar.set_postfix(loss=f"{report.train_loss[-1]:.4f}")
+            model.eval()
+            if on_epoch is not None:
+                on_epoch(epoch)
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(saved[id(p)])
+        model.eval()
+    report.seconds = time.perf_counter() - t0
+    return report
 
 
 def file_header(fmt: str) -> dict[str, str]:
@@ -371,15 +454,70 @@ class Predictor:
         return torch.stack(losses).sum() if losses else None
 
     # -- training --------------------------------------------------------------
+    def _tensors(
+        self, samples: Sequence[Sample]
+    ) -> tuple[list[Any], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """PyG graphs, config vectors, analytic features and normalised targets (NaN:
+        unlabelled) of ``samples``; fits the normaliser of any target that has none yet."""
+        graphs, configs, analytic, refs = self._rows(samples)
+        y = torch.tensor(self._target_matrix(samples, refs), dtype=torch.float32)
+        return graphs, torch.from_numpy(configs), torch.from_numpy(analytic), y
+
+    def _train_epochs(
+        self,
+        samples: Sequence[Sample],
+        epochs: int,
+        *,
+        stop: int | None = None,
+        params: Sequence[torch.nn.Parameter] | None = None,
+        loss_fn: Callable[[dict[str, torch.Tensor], torch.Tensor, list[int]], Any] | None = None,
+        on_epoch: Callable[[int], None] | None = None,
+        seed: int | None = None,
+        seed_torch: bool = True,
+        desc: str = "fit",
+    ) -> FitReport:
+        """Train the fitted network in place on ``samples`` with :func:`train_epochs` (this
+        predictor's batch size, learning rate, weight decay, clipping and, by default, seed).
+
+        ``params``: the parameters to update (default: all); ``loss_fn(out, y, idx)``: a
+        batch's loss from the network's outputs, its normalised targets and its sample indices
+        (default: :meth:`_loss`, the MSE). See :func:`train_epochs` for the rest.
+        """
+        model = self._check_fitted()
+        from torch_geometric.data import Batch
+
+        graphs, cfg, ana, y = self._tensors(samples)
+
+        def batch_loss(idx: list[int]) -> torch.Tensor | None:
+            out = model(Batch.from_data_list([graphs[i] for i in idx]), cfg[idx], ana[idx])
+            if loss_fn is None:
+                return self._loss(out, y[idx])
+            return loss_fn(out, y[idx], idx)
+
+        return train_epochs(
+            model,
+            list(model.parameters()) if params is None else list(params),
+            batch_loss,
+            len(samples),
+            epochs=epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            grad_clip=self.grad_clip,
+            seed=self.seed if seed is None else seed,
+            seed_torch=seed_torch,
+            stop=stop,
+            on_epoch=on_epoch,
+            progress=self.progress,
+            desc=desc,
+        )
+
     def fit(self, samples: Sequence[Sample], finetune: bool = False) -> FitReport:
         """Train on ``samples`` (or fine-tune an already fitted predictor)."""
-        from torch_geometric.data import Batch
-        from tqdm import tqdm
-
         if not samples:
             raise PredictorError("no samples to fit on")
+        # seeded here, not by the loop: the initial weights and the training share one stream
         torch.manual_seed(self.seed)
-        rng = random.Random(self.seed)
         fresh = not finetune or self.model is None
         if fresh:
             targets = [t for t in self.targets if any(t in s.labels for s in samples)]
@@ -389,8 +527,6 @@ class Predictor:
             self.latency_model = None
             if self.analytic and "latency" in targets:
                 self.fit_latency_model(samples)
-        graphs, configs, analytic, refs = self._rows(samples)
-        if fresh:
             spec = self.spec or GNNSpec()
             spec.targets = list(self.targets)
             spec.config_dim = len(VECTOR_NAMES)
@@ -398,37 +534,7 @@ class Predictor:
             self.spec = spec
             self.model = PerformanceGNN(spec)
             self.normalizers = {}
-        assert self.model is not None
-        y_t = torch.tensor(self._target_matrix(samples, refs), dtype=torch.float32)
-        cfg_t, ana_t = torch.from_numpy(configs), torch.from_numpy(analytic)
-        opt = torch.optim.Adam(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(self.epochs, 1))
-        report = FitReport(epochs=self.epochs)
-        t0 = time.perf_counter()
-        order = list(range(len(samples)))
-        bar = tqdm(range(self.epochs), desc="fit", disable=not self.progress, leave=False)
-        self.model.train()
-        for _ in bar:
-            rng.shuffle(order)
-            total, count = 0.0, 0
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start : start + self.batch_size]
-                batch = Batch.from_data_list([graphs[i] for i in idx])
-                loss = self._loss(self.model(batch, cfg_t[idx], ana_t[idx]), y_t[idx])
-                if loss is None:
-                    continue
-                opt.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-                opt.step()
-                total += loss.item() * len(idx)
-                count += len(idx)
-            sched.step()
-            report.train_loss.append(total / max(count, 1))
-            bar.set_postfix(loss=f"{report.train_loss[-1]:.4f}")
-        self.model.eval()
-        report.seconds = time.perf_counter() - t0
-        return report
+        return self._train_epochs(samples, self.epochs, seed_torch=False)
 
     def calibrate(self, samples: Sequence[Sample]) -> dict[str, dict[str, float]]:
         """Record relative-error quantiles on held-out ``samples`` (the planner's safety margin)."""

@@ -542,63 +542,36 @@ def _finetune_loop(
     on_epoch: Any = None,
     groups: Sequence[str] | None = None,
 ) -> list[float]:
-    """Train ``pred.model`` in place (Adam, cosine schedule over ``epochs``, stopped after
-    ``stop`` epochs) on the ``params`` group; ``on_epoch(epoch)`` runs after each epoch
-    (and once before the first, with 0). Other parameters keep their values and flags.
-    ``groups`` (one name per sample, e.g. its family): the ranking loss compares only samples
-    of one group."""
+    """Train ``pred.model`` in place with :meth:`Predictor._train_epochs` (Adam, cosine
+    schedule over ``epochs``, stopped after ``stop`` epochs, torch and the shuffle seeded with
+    ``seed``) on the ``params`` group (:data:`FT_PARAMS`) with the MSE plus ``rank_weight``
+    times the ranking loss; ``on_epoch(epoch)`` runs after each epoch (and once before the
+    first, with 0). Other parameters keep their values and flags. ``groups`` (one name per
+    sample, e.g. its family): the ranking loss compares only samples of one group. Returns
+    the per-epoch losses."""
     import torch
-    from torch_geometric.data import Batch
 
     model = pred._check_fitted()
-    graphs, configs, analytic, refs = pred._rows(samples)
-    y = torch.tensor(pred._target_matrix(samples, refs), dtype=torch.float32)
-    cfg, ana = torch.from_numpy(configs), torch.from_numpy(analytic)
     gid = None
     if groups is not None:
         names = {g: k for k, g in enumerate(dict.fromkeys(groups))}
         gid = torch.tensor([names[g] for g in groups])
-    train = _trainable(model, params)
-    ids = {id(p) for p in train}
-    saved = {id(p): p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in ids)
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    opt = torch.optim.Adam(train, lr=pred.lr, weight_decay=pred.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
-    order = list(range(len(samples)))
-    losses: list[float] = []
-    try:
-        if on_epoch is not None:
-            on_epoch(0)
-        for epoch in range(1, stop + 1):
-            model.train()
-            rng.shuffle(order)
-            total, count = 0.0, 0
-            for start in range(0, len(order), pred.batch_size):
-                idx = order[start : start + pred.batch_size]
-                out = model(Batch.from_data_list([graphs[i] for i in idx]), cfg[idx], ana[idx])
-                g = gid[idx] if gid is not None else None
-                loss = _loss_with_rank(pred, out, y[idx], rank_weight, g)
-                if loss is None:
-                    continue
-                opt.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(train, pred.grad_clip)
-                opt.step()
-                total += loss.item() * len(idx)
-                count += len(idx)
-            sched.step()
-            losses.append(total / max(count, 1))
-            model.eval()
-            if on_epoch is not None:
-                on_epoch(epoch)
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(saved[id(p)])
-        model.eval()
-    return losses
+
+    def loss_fn(out: Any, y: Any, idx: list[int]) -> Any:
+        g = gid[idx] if gid is not None else None
+        return _loss_with_rank(pred, out, y, rank_weight, g)
+
+    report = pred._train_epochs(
+        samples,
+        epochs,
+        stop=stop,
+        params=_trainable(model, params),
+        loss_fn=loss_fn,
+        on_epoch=on_epoch,
+        seed=seed,
+        desc="fine-tune",
+    )
+    return report.train_loss
 
 
 def _select_epochs(
