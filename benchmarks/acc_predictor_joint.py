@@ -27,6 +27,7 @@ import json
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--gnn", default="default")
+    p.add_argument("--pos_enc", type=int, default=0, help="GNNSpec.pos_enc (node positions)")
     p.add_argument("--acc_norm", default="global", choices=["global", "family"])
     p.add_argument("--no_family_only", action="store_true", help="skip the T-only curve")
     p.add_argument("--out", default="benchmarks/results/acc_predictor_v4_joint")
@@ -61,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("store", "task", "acc_mode", "n_max", "split_seed", "epochs", "batch_size", "lr")
-    return {k: getattr(args, k) for k in (*keys, "gnn", "acc_norm")}
+    return {k: getattr(args, k) for k in (*keys, "gnn", "pos_enc", "acc_norm")}
 
 
 def _run_key(run: dict[str, Any]) -> tuple[Any, ...]:
@@ -216,7 +218,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         chosen = [s for s in pool_samples if _fp(s.cg) in first]
         train = chosen if var == "family" else [*others, *chosen]
         pred = Predictor(
-            spec=make_spec(args.gnn),
+            spec=replace(make_spec(args.gnn), pos_enc=args.pos_enc),
             targets=[target],
             epochs=args.epochs,
             batch_size=args.batch_size,

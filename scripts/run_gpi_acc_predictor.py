@@ -45,6 +45,7 @@ import math
 import re
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-model_name", default="gpi", help="run name: prefix of the output files")
     p.add_argument(
         "-gnn", default="default", help="GNN setting: default, aiop (AIO-P baseline), or a conv"
+    )
+    p.add_argument(
+        "-pos_enc",
+        type=int,
+        default=0,
+        help="node positions in the GNN (GNNSpec.pos_enc): 0 off, K frequencies (0-16)",
     )
     p.add_argument("-family_train", nargs="*", default=None, help="families to train on")
     p.add_argument("-family_test", required=True, help="held-out families, e.g. ofa_pn#5+zoo#2")
@@ -205,6 +212,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("-fine_tune_select_folds must be 0 (off) or at least 2")
     if args.acc_norm == "family" and args.tar_norm != "stand":
         raise UsageError("-acc_norm family needs -tar_norm stand")
+    if not 0 <= args.pos_enc <= 16:
+        raise UsageError("-pos_enc must be between 0 and 16")
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", args.model_name):
         raise UsageError(f"-model_name {args.model_name!r}: use letters, digits, _ . - only")
     if args.fine_tune_joint and (
@@ -319,7 +328,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seed = args.seed + i
         bar.set_postfix(seed=seed, step="train")
         base = Predictor(
-            spec=make_spec(args.gnn),
+            spec=replace(make_spec(args.gnn), pos_enc=args.pos_enc),
             targets=targets,
             tar_norm=args.tar_norm,
             epochs=args.epochs,

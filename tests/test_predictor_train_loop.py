@@ -98,3 +98,56 @@ def test_stopping_early_is_the_start_of_the_full_schedule(samples):
     enc = [k for k in state if k.startswith("encoder.")]
     assert enc and all(torch.equal(before[k], state[k]) for k in enc)
     assert all(p.requires_grad for p in short.model.parameters())
+
+
+def test_diverged_training_is_an_error_not_nan_weights(samples):
+    from aiop.predictor.api import PredictorError
+
+    pred = Predictor(
+        spec=GNNSpec(conv="graphconv", layers=2, hidden=8, head_hidden=8),
+        targets=[T],
+        epochs=2,
+        batch_size=4,
+        lr=float("inf"),  # the first step makes every weight non-finite
+        progress=False,
+    )
+    with pytest.raises(PredictorError, match=r"training diverged.*lower the learning rate"):
+        pred.fit(samples)
+
+
+@pytest.mark.parametrize("pos_enc", [1, 3])
+def test_positional_encoding_tells_slots_apart(samples, pos_enc):
+    from torch_geometric.data import Batch
+
+    from aiop.cg.pyg import to_pyg
+    from aiop.predictor.model import GraphEncoder, node_positions
+
+    spec = GNNSpec(conv="gine", layers=1, hidden=8, pos_enc=pos_enc)
+    graphs = [to_pyg(samples[0].cg), to_pyg(samples[-1].cg)]
+    batch = Batch.from_data_list(graphs)
+    pos = node_positions(batch.x, batch.batch, pos_enc)
+    assert pos.shape == (batch.num_nodes, 2 + 4 * pos_enc)
+    for g in range(2):  # t runs 0 → 1 through each graph's nodes in order
+        t = pos[batch.batch == g, 0]
+        assert t[0] == 0 and t[-1] == 1 and bool((t[1:] > t[:-1]).all())
+    s = pos[:, 1]  # within each stage (one output size) the place runs 0 → 1 in order too
+    assert float(s.min()) == 0 and float(s.max()) == 1
+    # one graph alone or in a batch: the same positions (no leak between graphs)
+    alone = node_positions(graphs[1].x, torch.zeros(graphs[1].num_nodes, dtype=torch.long), 3)
+    assert torch.equal(alone[:, :2], pos[batch.batch == 1][:, :2])
+    out = GraphEncoder(spec)(batch)
+    assert out.shape[0] == 2 and torch.isfinite(out).all()
+
+
+def test_positional_encoding_round_trips_and_defaults_off(samples, tmp_path):
+    assert GNNSpec().pos_enc == 0  # the shipped predictor's setting: no positions
+    with pytest.raises(ValueError, match="pos_enc"):
+        GNNSpec(pos_enc=-1).validate()
+    spec = GNNSpec(conv="graphconv", layers=2, hidden=8, head_hidden=8, pos_enc=2)
+    pred = Predictor(spec=spec, targets=[T], epochs=2, batch_size=4, progress=False)
+    pred.fit(samples)
+    path = pred.save(tmp_path / "p.safetensors")
+    again = Predictor.load(path)
+    assert again.spec.pos_enc == 2
+    cg = samples[0].cg
+    assert again.predict(cg, [MConfig()]) == pred.predict(cg, [MConfig()])

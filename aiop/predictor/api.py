@@ -125,7 +125,9 @@ def train_epochs(
     weights and the training draw from one stream. ``stop``: end after that many epochs of
     the ``epochs``-long schedule (early stopping); ``on_epoch(e)`` runs with the model in eval
     mode before the first epoch (``e = 0``) and after each. The report's ``train_loss`` is each
-    epoch's sample-weighted mean batch loss; ``model`` is left in eval mode.
+    epoch's sample-weighted mean batch loss; ``model`` is left in eval mode. A non-finite
+    epoch loss raises :class:`PredictorError` (training diverged) instead of leaving NaN
+    weights behind.
     """
     from tqdm import tqdm
 
@@ -163,6 +165,12 @@ def train_epochs(
                 count += len(idx)
             sched.step()
             report.train_loss.append(total / max(count, 1))
+            if not math.isfinite(report.train_loss[-1]):
+                # NaN weights would predict NaN everywhere without a word: stop and say why
+                raise PredictorError(
+                    f"training diverged: loss {report.train_loss[-1]} in epoch {epoch} at "
+                    f"learning rate {lr:g}; lower the learning rate"
+                )
             bar.set_postfix(loss=f"{report.train_loss[-1]:.4f}")
             model.eval()
             if on_epoch is not None:

@@ -18,13 +18,20 @@ Pooling: ``mean``, ``sum``, ``attention`` (PyG's ``AttentionalAggregation``) or
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from aiop.cg.pyg import NUM_EDGE_FEATURES, NUM_GRAPH_FEATURES, NUM_NODE_FEATURES
+from aiop.cg.pyg import (
+    NUM_EDGE_FEATURES,
+    NUM_GRAPH_FEATURES,
+    NUM_NODE_FEATURES,
+    NUM_OP_SLOTS,
+    NUMERIC_FEATURES,
+)
 
 CONVS = ("graphconv", "gine", "gatv2")
 POOLS = ("mean", "sum", "attention", "sum+mean")
@@ -41,6 +48,12 @@ class GNNSpec:
     pool: str = "sum+mean"
     activation: str = "relu"
     dropout: float = 0.0
+    # node positions: 0 = none (AIO-P, the shipped predictor); K > 0 adds each node's relative
+    # place in its graph's topological order and in its stage (nodes of one output resolution),
+    # with K sin/cos frequencies of each (node_positions), to its features. Message passing
+    # over a few hops cannot tell the 2nd block of a stage from the 4th; under weight sharing
+    # that slot decides which weights an architecture inherits.
+    pos_enc: int = 0
     head_hidden: int = 64
     config_dim: int = 17
     analytic_dim: int = 9
@@ -67,6 +80,8 @@ class GNNSpec:
             raise ValueError(f"unknown activation {self.activation!r}")
         if self.layers < 1 or self.hidden < 1:
             raise ValueError("layers and hidden must be positive")
+        if not 0 <= self.pos_enc <= 16:
+            raise ValueError(f"pos_enc must be between 0 and 16, got {self.pos_enc}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,6 +115,34 @@ def batch_of(data: Any, x: torch.Tensor) -> torch.Tensor:
     return (
         batch if batch is not None else torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     )
+
+
+def _relative_index(group: torch.Tensor) -> torch.Tensor:
+    """Each node's place among the nodes of its group, in node order, scaled to [0, 1]."""
+    _, inverse, counts = torch.unique(group, return_inverse=True, return_counts=True)
+    order = torch.sort(inverse, stable=True).indices  # node order kept within each group
+    starts = torch.cumsum(counts, 0) - counts
+    index = torch.empty_like(order)
+    index[order] = torch.arange(order.numel(), device=order.device) - starts[inverse[order]]
+    return (index / (counts[inverse] - 1).clamp(min=1)).to(torch.float32)
+
+
+def node_positions(x: torch.Tensor, batch: torch.Tensor, frequencies: int) -> torch.Tensor:
+    """``[N, 2 + 4 * frequencies]`` positions of every node (nodes in topological order, as
+    :func:`aiop.cg.to_pyg` lays them out): t, its relative place in its graph, and s, its
+    place among the graph's nodes of the same output resolution (its stage), each with
+    sin/cos(2^k π ·) for k < ``frequencies``."""
+    h_out = x[:, NUM_OP_SLOTS + NUMERIC_FEATURES.index("h_out")]
+    stage = torch.round(h_out * 1000).long()  # equal sizes, equal scaled features
+    t = _relative_index(batch)
+    s = _relative_index(batch * 100_000 + stage)
+    cols = [t[:, None], s[:, None]]
+    if frequencies:
+        k = math.pi * 2.0 ** torch.arange(frequencies, device=x.device)
+        for v in (t, s):
+            angles = v[:, None] * k
+            cols += [torch.sin(angles), torch.cos(angles)]
+    return torch.cat(cols, dim=1)
 
 
 def target_heads(in_dim: int, hidden: int, targets: list[str]) -> nn.ModuleDict:
@@ -138,7 +181,8 @@ class GraphEncoder(nn.Module):
 
         self.spec = spec
         act = ACTIVATIONS[spec.activation]
-        self.embed = nn.Sequential(nn.Linear(NUM_NODE_FEATURES, spec.hidden), act())
+        pos_dim = 2 + 4 * spec.pos_enc if spec.pos_enc else 0
+        self.embed = nn.Sequential(nn.Linear(NUM_NODE_FEATURES + pos_dim, spec.hidden), act())
         self.convs = nn.ModuleList(_make_conv(spec.conv, spec.hidden) for _ in range(spec.layers))
         self.norms = nn.ModuleList(nn.LayerNorm(spec.hidden) for _ in range(spec.layers))
         self.act = act()
@@ -149,8 +193,11 @@ class GraphEncoder(nn.Module):
         self.out_dim = spec.hidden * (2 if spec.pool == "sum+mean" else 1) + NUM_GRAPH_FEATURES
 
     def forward(self, data: Any) -> torch.Tensor:
-        x = self.embed(data.x)
-        batch = batch_of(data, x)
+        batch = batch_of(data, data.x)
+        x = data.x
+        if self.spec.pos_enc:
+            x = torch.cat([x, node_positions(x, batch, self.spec.pos_enc)], dim=1)
+        x = self.embed(x)
         residual = self.spec.conv != "graphconv"  # the AIO-P baseline stays as published
         for conv, norm in zip(self.convs, self.norms):
             if self.spec.conv == "graphconv":
