@@ -26,6 +26,16 @@ these runs are replicates, not labels) and appended to
 (:func:`aiop.tasks.recipes.reliability`: ICC(1), between-architecture vs seed SD,
 CPU seconds, Spearman between seed replicates) goes to
 ``benchmarks/results/task_label_noise.{json,md}`` (``NAME.{json,md}``).
+
+A candidate is either TrainConfig overrides (from scratch) or ``{"recipe": NAME, ...}``: a
+named recipe as it trains the task, with any further keys as overrides (``v4e3``: v4 for 3
+epochs). ``mask_threshold`` (a :class:`TrainConfig` field) moves where an instance model's
+evaluation cuts its foreground (training untouched), e.g. ``v4m``, the instance study of
+``task_label_noise_v5_instance`` that chose recipe ``v5``::
+
+    taskset -c 1 .venv/bin/python benchmarks/task_labels.py --noise --tasks instance \
+        --families ofa_mbv3 --archs 10 --seeds 2 --candidates v4 v4m \
+        --noise_out task_label_noise_v5_instance
 """
 
 from __future__ import annotations
@@ -61,6 +71,16 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     # a named label recipe, as it trains the task (v4: backbones inherited from the family's
     # supernet and frozen, aiop.tasks.supernet)
     "v4": {"recipe": "v4"},
+    # v4 with instance masks cut where the *unweighted* foreground posterior passes 0.5: the
+    # mask loss weighs background pixels BACKGROUND_WEIGHT (0.1), so the trained sigmoid is
+    # p_w = p / (p + 0.1 (1 - p)) and v4's cut p_w > 0.5 keeps pixels with p > 0.09 (fat
+    # masks whose IoU sits on AP's 0.5 cliff); p_w > 1 / 1.1 is p > 0.5. Training unchanged.
+    "v4m": {"recipe": "v4", "mask_threshold": 1 / 1.1},
+    "v4m2k": {"recipe": "v4", "mask_threshold": 1 / 1.1, "n_val": 2000},
+    # v4 trained longer (the head, trained from its seed's init, is further from converged
+    # after 2 epochs than the seed-to-seed spread allows) or with a larger step
+    "v4e3": {"recipe": "v4", "epochs": 3},
+    "v4lr": {"recipe": "v4", "lr": 6e-3},
 }
 NOISE_OUT = "task_label_noise"  # the study's files: <out>_runs.jsonl, <out>.json, <out>.md
 
@@ -198,9 +218,10 @@ def noise_study(args: argparse.Namespace) -> int:
     todo = [] if args.report_only else [w for w in work if _noise_key(w) not in done]
     RESULTS.mkdir(parents=True, exist_ok=True)
     for w in tqdm(todo, desc="noise study"):
-        cand = CANDIDATES[w["candidate"]]
-        if "recipe" in cand:
-            cfg = replace(recipe_config(cand["recipe"], w["task"]), seed=w["seed"], repeats=1)
+        cand = dict(CANDIDATES[w["candidate"]])
+        if "recipe" in cand:  # a named recipe, with any other keys as TrainConfig overrides
+            base = recipe_config(cand.pop("recipe"), w["task"])
+            cfg = replace(base, **cand, seed=w["seed"], repeats=1)
         else:
             cfg = TrainConfig(seed=w["seed"], **cand).for_task(w["task"])
         spec = f"family:{w['family']}:{w['arch']}"
@@ -215,6 +236,7 @@ def noise_study(args: argparse.Namespace) -> int:
             "wall_s": round(res.seconds, 2),
             "steps": res.steps,
             "config": cfg.to_dict(),
+            "mask_threshold": cfg.mask_threshold,
         }
         with runs_file.open("a") as fh:  # one line per run: a kill loses at most this run
             fh.write(json.dumps(row) + "\n")
@@ -318,12 +340,17 @@ def summarise_noise(args: argparse.Namespace) -> dict[str, Any]:
         if "recipe" in rc:  # a named label recipe, trained as it trains this task
             from aiop.tasks.recipes import recipe_config
 
-            rc = {**recipe_config(rc["recipe"], r["task"]).to_dict(), "name": rc["recipe"]}
+            named = recipe_config(rc["recipe"], r["task"]).to_dict()
+            rc = {**named, **rc, "name": rc["recipe"]}
         desc = f"{r['candidate']} ({rc.get('epochs')} ep × {rc.get('n_train')}"
         desc += f", val {rc.get('n_val') or rc.get('val_split')}"
-        desc += f", lr {rc['lr']}" if "lr" in rc and "name" not in rc else ""
+        # the lr of a from-scratch candidate, or a named recipe's lr override
+        lr_set = "name" not in rc or "lr" in (r["recipe"] or {})
+        desc += f", lr {rc['lr']}" if "lr" in rc and lr_set else ""
         desc += f", {rc['init']} init" if rc.get("init", "scratch") != "scratch" else ""
         desc += ", head only" if rc.get("train_backbone") is False else ""
+        if rc.get("mask_threshold") is not None:
+            desc += f", mask cut p > {rc['mask_threshold']:.3g}"
         desc += ")"
         lines.append(
             f"| {r['task']} | {r['family']} | {desc} | {r['runs']} | {r['grand_mean']} "

@@ -39,8 +39,13 @@ def test_recipe_ids_follow_the_settings_not_the_seed() -> None:
     )
     shared = {"family": "ofa_mbv3", "config": {"steps": 200}}
     assert recipe_id(v1, "classification", 64, shared) != recipe_id(v1, "classification", 64)
-    for name in LABEL_RECIPES:
-        assert recipe_name(recipe_config(name, "pose"), "pose", 64) == name
+    from aiop.tasks.recipes import task_recipe
+
+    for name in LABEL_RECIPES:  # the oldest recipe that trains the task alike names it
+        for task in ("pose", "instance"):
+            assert recipe_name(recipe_config(name, task), task, 64) == task_recipe(name, task)
+    assert recipe_name(recipe_config("v5", "instance"), "instance", 64) == "v5"
+    assert recipe_name(recipe_config("v4", "pose"), "pose", 64) == "v4"
     assert recipe_name(replace(v1, lr=1.0), "classification", 64) == recipe_id(
         replace(v1, lr=1.0), "classification", 64
     )
@@ -56,15 +61,35 @@ PINNED_IDS = {
     "v2": {"classification": "455f6223", "scene": "095322a1", "pose": "96f04862"},
     "v3": {"classification": "455f6223", "scene": "095322a1", "pose": "933c8c09"},
     "v4": {"classification": "5420db35", "scene": "ee572d45", "pose": "eb171a1d"},
+    "v5": {
+        "classification": "5420db35",
+        "scene": "ee572d45",
+        "instance": "3169b66e",
+        "pose": "eb171a1d",
+    },
 }
 
 
 @pytest.mark.parametrize("name", sorted(PINNED_IDS))
 def test_named_recipes_never_change(name: str) -> None:
     for task in PRIMARY_METRIC:
-        key = task if task in ("classification", "pose") else "scene"
+        key = task if task in PINNED_IDS[name] else "scene"
         assert recipe_id(recipe_config(name, task), task, 64) == PINNED_IDS[name][key], task
     assert set(PINNED_IDS) == set(LABEL_RECIPES)  # a new named recipe is pinned too
+
+
+def test_a_mask_threshold_is_a_new_recipe_only_where_it_moves_the_cut() -> None:
+    """Labels stored before the setting existed (no key) and a cut at 0.5 (v1-v4's) keep
+    their ids, so no existing label set moves; another cut of the instance masks is another
+    recipe, with an id of its own."""
+    v4 = recipe_config("v4", "instance").to_dict()
+    base = recipe_id(v4, "instance", 64)
+    assert base == PINNED_IDS["v4"]["scene"]
+    assert recipe_id({**v4, "mask_threshold": 0.5}, "instance", 64) == base
+    assert recipe_id({**v4, "mask_threshold": None}, "instance", 64) == base
+    moved = recipe_id({**v4, "mask_threshold": 1 / 1.1}, "instance", 64)
+    assert moved != base
+    assert moved != recipe_id({**v4, "mask_threshold": 0.8}, "instance", 64)
 
 
 def test_v3_changes_pose_only_and_shares_v2s_label_sets() -> None:
@@ -232,3 +257,32 @@ def test_v4_inherits_from_the_supernet_and_names_it() -> None:
         assert recipe_id(recipe_config("v4", "pose"), "pose", 64) != base
     finally:
         supernet.supernet_config = real
+
+
+def test_v5_moves_only_the_instance_cut_and_keeps_v4s_other_sets() -> None:
+    from aiop.tasks.recipes import label_tag
+    from aiop.tasks.train import BACKGROUND_WEIGHT
+
+    assert recipe_config("v5", "instance").mask_threshold == pytest.approx(1 / 1.1)
+    assert recipe_config("v5", "instance").mask_threshold == 1 / (1 + BACKGROUND_WEIGHT)
+    for task in ("classification", "semantic", "detection", "panoptic", "pose"):
+        assert recipe_config("v5", task) == recipe_config("v4", task)
+        assert label_tag("v5", task) == "individual-v4"
+    assert label_tag("v5", "instance") == "individual-v5"
+
+
+def test_the_mask_cut_changes_instance_masks_only_where_predict_cuts() -> None:
+    """predict's mask_threshold: a higher cut keeps a subset of the foreground pixels."""
+    import torch
+
+    from aiop.tasks.train import TrainConfig, build_task_model, make_loader, predict
+
+    model = build_task_model("family:ofa_pn:0", "instance", resolution=32)
+    model.eval()
+    loader = make_loader("instance", "val", TrainConfig(resolution=32), shuffle=False, n=4)
+    low, _ = predict(model, loader, mask_threshold=0.5)
+    high, _ = predict(model, loader, mask_threshold=1 / 1.1)
+    assert [len(p["masks"]) for p in low] == [len(p["masks"]) for p in high]
+    kept_low = sum(int(torch.as_tensor(m).sum()) for p in low for m in p["masks"])
+    kept_high = sum(int(torch.as_tensor(m).sum()) for p in high for m in p["masks"])
+    assert kept_high <= kept_low

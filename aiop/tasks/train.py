@@ -359,7 +359,9 @@ def reference_size(keypoints: torch.Tensor, bbox: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def predict(model: TaskModel, loader: Iterable[tuple[torch.Tensor, Any]]) -> tuple[list, list]:
+def predict(
+    model: TaskModel, loader: Iterable[tuple[torch.Tensor, Any]], *, mask_threshold: float = 0.5
+) -> tuple[list, list]:
     """Decoded predictions and the raw targets over a loader (eval mode)."""
     task = model.task
     was_training = model.training
@@ -383,7 +385,8 @@ def predict(model: TaskModel, loader: Iterable[tuple[torch.Tensor, Any]]) -> tup
                 dets = decode_detections(out[0], out[1], out[2], res)
                 for i, d in enumerate(dets):
                     if task == "instance":
-                        d["masks"] = instance_masks(d, torch.sigmoid(out[3][i, 0]) > 0.5)
+                        fg = torch.sigmoid(out[3][i, 0]) > mask_threshold
+                        d["masks"] = instance_masks(d, fg)
                     elif task == "panoptic":
                         d = panoptic_segments(d, out[3][i].argmax(0))
                     preds.append(d)
@@ -416,8 +419,10 @@ def score(task: str, preds: list, gts: list) -> dict[str, float]:
     return out
 
 
-def evaluate(model: TaskModel, loader: Iterable[tuple[torch.Tensor, Any]]) -> dict[str, float]:
-    preds, gts = predict(model, loader)
+def evaluate(
+    model: TaskModel, loader: Iterable[tuple[torch.Tensor, Any]], *, mask_threshold: float = 0.5
+) -> dict[str, float]:
+    preds, gts = predict(model, loader, mask_threshold=mask_threshold)
     return score(model.task, preds, gts)
 
 
@@ -446,6 +451,10 @@ class TrainConfig:
     # where the backbone starts: "scratch" (random weights from the seed) or "supernet" (its
     # slice of the family's weight-sharing supernet, aiop.tasks.supernet; OFA/AIO-P's way)
     init: str = "scratch"
+    # where instance masks are cut: sigmoid(mask logit) > mask_threshold (None: 0.5, v1-v4).
+    # The mask loss weighs background BACKGROUND_WEIGHT, so the sigmoid is the weighted
+    # posterior; 1 / (1 + BACKGROUND_WEIGHT) cuts the unweighted one at 0.5 (recipe v5)
+    mask_threshold: float | None = None
 
     def __post_init__(self) -> None:
         check_init(self.init)
@@ -604,7 +613,8 @@ def train_task_model(
         deadline=deadline,
     )
     t1 = time.perf_counter()
-    metrics = evaluate(model, val_loader)
+    cut = 0.5 if cfg.mask_threshold is None else cfg.mask_threshold
+    metrics = evaluate(model, val_loader, mask_threshold=cut)
     return TrainResult(
         task=task,
         metrics=metrics,
