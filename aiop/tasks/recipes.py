@@ -15,11 +15,13 @@ digits, pose trains on 600 figures (the largest ofa_resnet backbones ran past
 scenes (their seed noise is already smaller than the spread between architectures). ``v3``
 is ``v2`` with a pose setting that fits one CPU minute on the largest ofa_resnet
 (``benchmarks/results/task_labels_v3_pose.md``); every other task trains as under ``v2``,
-so its recipe id, and the labels already made with it, stay the same. ``v4``, the default
-(:data:`DEFAULT_RECIPE`), trains as ``v3`` but starts every backbone from its slice of the
-family's weight-sharing supernet (:mod:`aiop.tasks.supernet`) and trains only the head —
-AIO-P's setting, where backbones came pretrained from OFA — which makes labels measure
-the architecture rather than one initialisation (ICC(1) 0.76–0.82 against 0–0.60).
+so its recipe id, and the labels already made with it, stay the same. ``v4`` trains as
+``v3`` but starts every backbone from its slice of the family's weight-sharing supernet
+(:mod:`aiop.tasks.supernet`) and trains only the head — AIO-P's setting, where backbones
+came pretrained from OFA — which makes labels measure the architecture rather than one
+initialisation (ICC(1) 0.76–0.82 against 0–0.60). ``v5``, the default
+(:data:`DEFAULT_RECIPE`), is ``v4`` with instance masks cut where the unweighted foreground
+posterior passes 0.5 (instance ICC(1) −0.06 → 0.76); every other task is ``v4``'s.
 
 A named recipe never changes once labels exist (``tests/test_tasks_recipes.py`` pins
 every named recipe's id per task): a new setting is a new name. The default tag of
@@ -136,8 +138,10 @@ LABEL_RECIPES: dict[str, Any] = {"v1": _v1, "v2": _v2, "v3": _v3, "v4": _v4, "v5
 # names its label set per task with label_tag (run_train_cgs_on_task.py's default tags,
 # aiop.predictor.train.ACC_MODE, the benchmarks), so changing it moves only the tasks the
 # new recipe trains differently onto new sets. v4 trains every task differently (inherited,
-# frozen backbones), so every task moves to individual-v4; the v2/v3 sets stay as history.
-DEFAULT_RECIPE = "v4"
+# frozen backbones), so every task moved to individual-v4; the v2/v3 sets stay as history.
+# v5 changes only how instance masks are cut: instance moves to individual-v5, every other
+# task stays on individual-v4.
+DEFAULT_RECIPE = "v5"
 
 
 def recipe_config(name: str, task: str) -> TrainConfig:
