@@ -8,6 +8,11 @@ same split seed). The GNN then trains, per ``n`` in ``--ns`` and per seed, on
 * ``joint``: every other family plus the first ``n`` architectures of T's pool (``n = 0``
   is zero-shot: only the other families), as ``run_gpi_acc_predictor.py -fine_tune_joint``;
 * ``family``: the first ``n`` architectures of T's pool alone (``--no_family_only`` skips it),
+* ``forest`` (a reference, not a graph predictor; ``--no_forest`` skips it): scikit-learn's
+  random forest on the same ``n`` architectures, described by their family's own architecture
+  encoding (every slot of the stored ``arch``: kernel sizes, expand ratios, depths, widths —
+  which block of which stage exists) plus log FLOPs and parameters. It shows how far the
+  labels can be ranked from ``n`` architectures when the slot identity is explicit,
 
 and is scored on the same test set (SRCC, Kendall τ, MAPE). The pool's order is fixed, so
 the ``n`` sets are nested and the curves differ only by how much of T the network saw.
@@ -55,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pos_enc", type=int, default=0, help="GNNSpec.pos_enc (node positions)")
     p.add_argument("--acc_norm", default="global", choices=["global", "family"])
     p.add_argument("--no_family_only", action="store_true", help="skip the T-only curve")
+    p.add_argument("--no_forest", action="store_true", help="skip the random-forest reference")
     p.add_argument("--out", default="benchmarks/results/acc_predictor_v4_joint")
     p.add_argument("--name", default=None, help="result stem (default: acc_joint_TASK)")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -132,14 +138,18 @@ def _plot(summary: dict[str, Any], path: Path, task: str) -> None:
             curves.setdefault((row["family"], row["variant"]), []).append(
                 (row["n"], s["mean"], s["std"])
             )
+    families = sorted({fam for fam, _ in curves})
+    styles = {"joint": ("-", "o"), "family": ("--", "s"), "forest": (":", "^")}
     for (fam, var), pts in sorted(curves.items()):
         pts.sort()
+        line, marker = styles.get(var, ("-.", "x"))
         ax.errorbar(
             [p[0] for p in pts],
             [p[1] for p in pts],
             yerr=[p[2] for p in pts],
-            marker="o" if var == "joint" else "s",
-            linestyle="-" if var == "joint" else "--",
+            color=f"C{families.index(fam)}",  # colour: family; line style: variant
+            marker=marker,
+            linestyle=line,
             capsize=3,
             label=f"{fam} ({var})",
         )
@@ -207,6 +217,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if n > args.n_max:
                 raise ValueError(f"--ns {n} is larger than --n_max {args.n_max}")
             variants = ["joint"] + (["family"] if n >= 2 and not args.no_family_only else [])
+            variants += ["forest"] if n >= 2 and not args.no_forest else []
             for var in variants:
                 for seed in range(args.seeds):
                     if (fam, var, n, seed) not in done:
@@ -216,6 +227,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         others, pool_samples, test = splits[fam]
         first = _first_archs([_fp(s.cg) for s in pool_samples], n)
         chosen = [s for s in pool_samples if _fp(s.cg) in first]
+        if var == "forest":
+            t1 = time.process_time()
+            y_true, y_pred = _forest(args.store, chosen, test, target, seed)
+            runs.append(
+                {
+                    "settings": settings,
+                    "family": fam,
+                    "variant": var,
+                    "n": n,
+                    "seed": seed,
+                    "metrics": regression_metrics(y_true, y_pred),
+                    "cpu_seconds": round(time.process_time() - t1, 1),
+                }
+            )
+            with runs_path.open("a") as fh:
+                fh.write(json.dumps(runs[-1]) + "\n")
+            continue
         train = chosen if var == "family" else [*others, *chosen]
         pred = Predictor(
             spec=replace(make_spec(args.gnn), pos_enc=args.pos_enc),
@@ -246,7 +274,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "settings": settings,
         "families": meta,
         "summary": summary,
-        "seconds": round(time.perf_counter() - t0, 1),
+        "seconds": round(time.perf_counter() - t0, 1),  # this invocation's (a resume: less)
+        "cpu_seconds_all_runs": round(sum(r["cpu_seconds"] for r in runs), 1),
         "runs": len(runs),
     }
     write_results(out, name, result, _markdown(args, summary, meta))
@@ -254,6 +283,54 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _plot(summary, png, args.task)
     result["plot"] = str(png)
     return result
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, float]) -> None:
+    """Every number of a stored ``arch`` under a slot name (``ks.2.1``), list lengths too."""
+    if isinstance(value, int | float):  # bool is an int
+        out[prefix] = float(value)
+    elif isinstance(value, list):
+        out[f"{prefix}.len"] = float(len(value))
+        for i, v in enumerate(value):
+            _flatten(v, f"{prefix}.{i}", out)
+    elif isinstance(value, dict):
+        for k in sorted(value):
+            if k not in ("family", "seed"):  # names, not architecture
+                _flatten(value[k], f"{prefix}.{k}" if prefix else k, out)
+
+
+def _forest(
+    store: str, train: list[Any], test: list[Any], target: str, seed: int, min_leaf: int = 3
+) -> tuple[list[float], list[float]]:
+    """Random forest on architecture encodings: fit on ``train``, predict ``test``."""
+    import math
+
+    import numpy as np
+    from sklearn.ensemble import RandomForestRegressor
+
+    from aiop.cache import Store
+    from aiop.predictor.train import _fp
+
+    fps = sorted({_fp(s.cg) for s in [*train, *test]})
+    with Store(store, readonly=True) as st:
+        infos = {i.fingerprint: i for i in st.graphs(fingerprints=fps)}
+    rows: dict[str, dict[str, float]] = {}
+    for fp in fps:
+        info = infos.get(fp)
+        if info is None or "arch" not in info.meta:
+            raise ValueError(f"{store}: graph {fp[:12]} has no stored architecture encoding")
+        row: dict[str, float] = {}
+        _flatten(info.meta["arch"], "", row)
+        row["log_flops"], row["log_params"] = math.log1p(info.flops), math.log1p(info.params)
+        rows[fp] = row
+    keys = sorted({k for r in rows.values() for k in r})  # a missing slot is 0: absent
+
+    def matrix(ss: list[Any]) -> np.ndarray:
+        return np.array([[rows[_fp(s.cg)].get(k, 0.0) for k in keys] for s in ss])
+
+    forest = RandomForestRegressor(n_estimators=300, min_samples_leaf=min_leaf, random_state=seed)
+    forest.fit(matrix(train), [s.labels[target] for s in train])
+    return [s.labels[target] for s in test], [float(v) for v in forest.predict(matrix(test))]
 
 
 def _first_archs(fps: list[str], n: int) -> set[str]:

@@ -244,7 +244,8 @@ def store_path(tmp_path_factory, graphs) -> Path:
     with Store(path) as store:
         store.put_task("cls", metric="acc")
         for (family, w), cg in graphs.items():
-            fp = store.put_graph(cg, meta={"family": family, "model": f"{family}{w}"})
+            arch = {"family": family, "width": w, "stages": [w] * (w // 8)}
+            fp = store.put_graph(cg, meta={"family": family, "model": f"{family}{w}", "arch": arch})
             store.put_label(fp, "", "acc", _label(family, w), task="cls")
     return path
 
@@ -356,7 +357,7 @@ def test_joint_benchmark_curves_and_resume(store_path, tmp_path, capsys):
     result = json.loads((tmp_path / "j.json").read_text())
     assert result["families"]["res"] == {"pool": 4, "test": 2, "other_archs": len(WIDTHS)}
     rows = {(r["variant"], r["n"]) for r in result["summary"].values()}
-    assert rows == {("joint", 0), ("joint", 2), ("joint", 4), ("family", 2), ("family", 4)}
+    assert rows == {("joint", 0)} | {(v, n) for v in ("joint", "family", "forest") for n in (2, 4)}
     assert (tmp_path / "j.png").stat().st_size > 0 and "| res | joint | 4 |" in (
         tmp_path / "j.md"
     ).read_text()
@@ -368,6 +369,20 @@ def test_joint_benchmark_curves_and_resume(store_path, tmp_path, capsys):
     assert bench.main(argv) == 0
     assert (tmp_path / "j_runs.jsonl").read_text() == runs
     assert json.loads((tmp_path / "j.json").read_text())["summary"] == result["summary"]
+
+
+def test_forest_reference_reads_the_stored_architecture(store_path):
+    bench = load_script("benchmarks/acc_predictor_joint.py", "acc_predictor_joint")
+    samples = [s for s in load_samples(store_path, [T], acc_mode="any") if s.family == "res"]
+    samples.sort(key=lambda s: s.labels[T])
+    y_true, y_pred = bench._forest(str(store_path), samples[::2], samples[1::2], T, 0, 1)
+    assert y_true == [s.labels[T] for s in samples[1::2]] and len(y_pred) == len(y_true)
+    # label rises with width, the stored encoding holds the width: the order is learnt
+    assert spearmanr(y_true, y_pred)[0] > 0.9
+    flat: dict[str, float] = {}
+    bench._flatten({"family": "x", "seed": 3, "d": [2, 1], "ks": [[3, 5], [7]]}, "", flat)
+    assert flat == {"d.len": 2, "d.0": 2, "d.1": 1, "ks.len": 2, "ks.0.len": 2, "ks.0.0": 3,
+                    "ks.0.1": 5, "ks.1.len": 1, "ks.1.0": 7}  # fmt: skip
 
 
 def test_joint_benchmark_bad_input(store_path, tmp_path, capsys):
