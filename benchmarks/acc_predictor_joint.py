@@ -227,43 +227,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         others, pool_samples, test = splits[fam]
         first = _first_archs([_fp(s.cg) for s in pool_samples], n)
         chosen = [s for s in pool_samples if _fp(s.cg) in first]
-        if var == "forest":
-            t1 = time.process_time()
-            y_true, y_pred = _forest(args.store, chosen, test, target, seed)
-            runs.append(
-                {
-                    "settings": settings,
-                    "family": fam,
-                    "variant": var,
-                    "n": n,
-                    "seed": seed,
-                    "metrics": regression_metrics(y_true, y_pred),
-                    "cpu_seconds": round(time.process_time() - t1, 1),
-                }
-            )
-            with runs_path.open("a") as fh:
-                fh.write(json.dumps(runs[-1]) + "\n")
-            continue
-        train = chosen if var == "family" else [*others, *chosen]
-        pred = Predictor(
-            spec=replace(make_spec(args.gnn), pos_enc=args.pos_enc),
-            targets=[target],
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            seed=seed,
-            progress=False,
-        )
         t1 = time.process_time()
-        fit_predictor(pred, train, args.acc_norm)
-        pr = collect_predictions(pred, test, [target])[target]
+        if var == "forest":
+            y_true, y_pred = _forest(args.store, chosen, test, target, seed)
+        else:
+            pred = Predictor(
+                spec=replace(make_spec(args.gnn), pos_enc=args.pos_enc),
+                targets=[target],
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                seed=seed,
+                progress=False,
+            )
+            fit_predictor(pred, chosen if var == "family" else [*others, *chosen], args.acc_norm)
+            pr = collect_predictions(pred, test, [target])[target]
+            y_true, y_pred = pr.y_true, pr.y_pred
         run = {
             "settings": settings,
             "family": fam,
             "variant": var,
             "n": n,
             "seed": seed,
-            "metrics": regression_metrics(pr.y_true, pr.y_pred),
+            "metrics": regression_metrics(y_true, y_pred),
             "cpu_seconds": round(time.process_time() - t1, 1),
         }
         runs.append(run)
@@ -335,13 +321,7 @@ def _forest(
 
 def _first_archs(fps: list[str], n: int) -> set[str]:
     """The first ``n`` distinct fingerprints of ``fps``, in order."""
-    seen: list[str] = []
-    for fp in fps:
-        if fp not in seen:
-            seen.append(fp)
-            if len(seen) == n:
-                break
-    return set(seen[:n])
+    return set(list(dict.fromkeys(fps))[:n])
 
 
 def main(argv: list[str] | None = None) -> int:

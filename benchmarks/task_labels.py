@@ -235,8 +235,7 @@ def noise_study(args: argparse.Namespace) -> int:
             "cpu_s": round(res.cpu_seconds, 2),
             "wall_s": round(res.seconds, 2),
             "steps": res.steps,
-            "config": cfg.to_dict(),
-            "mask_threshold": cfg.mask_threshold,
+            "config": cfg.to_dict(),  # mask_threshold included
         }
         with runs_file.open("a") as fh:  # one line per run: a kill loses at most this run
             fh.write(json.dumps(row) + "\n")

@@ -300,6 +300,7 @@ def test_script_relevel_only_keeps_the_zero_shot_ranking(store_path, tmp_path, c
         (["-acc_rank_weight", "nan"], "-acc_rank_weight"),
         (["-fine_tune_joint", "-fine_tune_epochs", "2"], "-fine_tune_joint"),
         (["-fine_tune_joint", "-fine_tune_relevel"], "-fine_tune_joint"),
+        (["-pos_enc", "17"], "pos_enc must be between 0 and 16"),
     ],
 )
 def test_script_bad_ranking_flags(store_path, tmp_path, capsys, flags, message):
