@@ -271,18 +271,32 @@ def test_v5_moves_only_the_instance_cut_and_keeps_v4s_other_sets() -> None:
     assert label_tag("v5", "instance") == "individual-v5"
 
 
-def test_the_mask_cut_changes_instance_masks_only_where_predict_cuts() -> None:
-    """predict's mask_threshold: a higher cut keeps a subset of the foreground pixels."""
+def test_the_mask_cut_changes_instance_masks_only_where_predict_cuts(monkeypatch) -> None:
+    """predict's mask_threshold is where the foreground handed to instance_masks is cut: a
+    higher cut keeps a strict subset of the pixels, and the boxes do not move."""
     import torch
 
+    from aiop.tasks import train as task_train
     from aiop.tasks.train import TrainConfig, build_task_model, make_loader, predict
 
     model = build_task_model("family:ofa_pn:0", "instance", resolution=32)
     model.eval()
     loader = make_loader("instance", "val", TrainConfig(resolution=32), shuffle=False, n=4)
-    low, _ = predict(model, loader, mask_threshold=0.5)
-    high, _ = predict(model, loader, mask_threshold=1 / 1.1)
-    assert [len(p["masks"]) for p in low] == [len(p["masks"]) for p in high]
-    kept_low = sum(int(torch.as_tensor(m).sum()) for p in low for m in p["masks"])
-    kept_high = sum(int(torch.as_tensor(m).sum()) for p in high for m in p["masks"])
-    assert kept_high <= kept_low
+    seen: dict[float, list[torch.Tensor]] = {}
+    real = task_train.instance_masks
+    cut = [0.0]
+
+    def spy(det, fg):
+        seen.setdefault(cut[0], []).append(fg.clone())
+        return real(det, fg)
+
+    monkeypatch.setattr(task_train, "instance_masks", spy)
+    boxes = {}
+    for cut[0] in (0.5, 1 / 1.1):
+        preds, _ = predict(model, loader, mask_threshold=cut[0])
+        boxes[cut[0]] = [p["boxes"] for p in preds]
+    low, high = seen[0.5], seen[1 / 1.1]
+    assert len(low) == len(high) == 4
+    assert all(bool((h <= lo).all()) for h, lo in zip(high, low, strict=True))  # a subset
+    assert sum(int(m.sum()) for m in high) < sum(int(m.sum()) for m in low)
+    assert all(torch.equal(a, b) for a, b in zip(*boxes.values(), strict=True))
