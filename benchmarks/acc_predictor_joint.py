@@ -14,11 +14,17 @@ same split seed). The GNN then trains, per ``n`` in ``--ns`` and per seed, on
   which block of which stage exists) plus log FLOPs and parameters. It shows how far the
   labels can be ranked from ``n`` architectures when the slot identity is explicit,
 
-and is scored on the same test set (SRCC, Kendall τ, MAPE). The pool's order is fixed, so
+and is scored on the same test set (SRCC, Kendall τ, MAPE). ``--acc_head forest`` runs
+``joint`` and ``family`` with the predictor's accuracy forest on the graph's block readout
+(``Predictor(acc_head="forest")``) instead of the network's heads; the network's training
+does not change the forest's answer, so ``--epochs 0`` skips it. The pool's order is fixed, so
 the ``n`` sets are nested and the curves differ only by how much of T the network saw.
 
     python benchmarks/acc_predictor_joint.py --store data/task_labels.db \
         --task classification --families ofa_mbv3 ofa_pn --n_max 150 --ns 0 20 50 100 150
+    python benchmarks/acc_predictor_joint.py --store data/task_labels.db --acc_head forest \
+        --epochs 0 --task classification --families ofa_mbv3 ofa_pn --ns 20 50 100 150 \
+        --out benchmarks/results/acc_predictor_v5_forest
 
 Every run is appended to ``NAME_runs.jsonl`` as it finishes; a rerun with the same settings
 skips the runs already there (an interrupted study resumes). Writes ``NAME.json``,
@@ -41,6 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_results
 
 TARGET_SRCC = 0.8  # issue #5: SRCC within a family on held-out architectures
+# how tables and plots name a variant (the runs file keeps the short key)
+SHOWN = {"forest": "arch-encoding forest (reference)"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gnn", default="default")
     p.add_argument("--pos_enc", type=int, default=0, help="GNNSpec.pos_enc (node positions)")
     p.add_argument("--acc_norm", default="global", choices=["global", "family"])
+    p.add_argument("--acc_head", default="gnn", choices=["gnn", "forest"])
+    p.add_argument("--forest_kind", default="extra", choices=["extra", "random"])
+    p.add_argument("--forest_trees", type=int, default=200)
     p.add_argument("--no_family_only", action="store_true", help="skip the T-only curve")
     p.add_argument("--no_forest", action="store_true", help="skip the random-forest reference")
     p.add_argument("--out", default="benchmarks/results/acc_predictor_v4_joint")
@@ -69,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("store", "task", "acc_mode", "n_max", "split_seed", "epochs", "batch_size", "lr")
-    return {k: getattr(args, k) for k in (*keys, "gnn", "pos_enc", "acc_norm")}
+    keys += ("gnn", "pos_enc", "acc_norm")
+    if args.acc_head != "gnn":  # older result files have no such keys: they still resume
+        keys += ("acc_head", "forest_kind", "forest_trees")
+    return {k: getattr(args, k) for k in keys}
 
 
 def _run_key(run: dict[str, Any]) -> tuple[Any, ...]:
@@ -89,6 +103,10 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _markdown(args: argparse.Namespace, summary: dict[str, Any], meta: dict[str, Any]) -> str:
+    head = "the network's head"
+    if args.acc_head == "forest":
+        head = f"the predictor's forest on the block readout ({args.forest_kind}, "
+        head += f"{args.forest_trees} trees)"
     lines = [
         f"# Accuracy predictor: labelled architectures of a family vs SRCC ({args.task})",
         "",
@@ -96,7 +114,8 @@ def _markdown(args: argparse.Namespace, summary: dict[str, Any], meta: dict[str,
         "",
         "Fixed test set per family (the architectures outside its `#n_max` pool); "
         "`joint` trains on the other families plus `n` of the pool, `family` on the `n` "
-        f"alone; {args.seeds} seed(s), mean ± std. Target: SRCC ≥ {TARGET_SRCC}.",
+        f"alone; {args.seeds} seed(s), mean ± std. Target: SRCC ≥ {TARGET_SRCC}. "
+        f"Accuracy answered by: {head}.",
         "",
     ]
     for fam, info in meta.items():
@@ -118,7 +137,8 @@ def _markdown(args: argparse.Namespace, summary: dict[str, Any], meta: dict[str,
             return f"{s['mean'] * scale:.{digits}f} ± {s['std'] * scale:.{digits}f}"
 
         lines.append(
-            f"| {row['family']} | {row['variant']} | {row['n']} | {cell('srcc')} | "
+            f"| {row['family']} | {SHOWN.get(row['variant'], row['variant'])} | {row['n']} | "
+            f"{cell('srcc')} | "
             f"{cell('kendall')} | {cell('mape', 1, 2)} |"
         )
     return "\n".join(lines) + "\n"
@@ -151,7 +171,7 @@ def _plot(summary: dict[str, Any], path: Path, task: str) -> None:
             marker=marker,
             linestyle=line,
             capsize=3,
-            label=f"{fam} ({var})",
+            label=f"{fam} ({SHOWN.get(var, var)})",
         )
     ax.axhline(TARGET_SRCC, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xlabel("labelled architectures of the family in training (n)")
@@ -239,6 +259,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 lr=args.lr,
                 seed=seed,
                 progress=False,
+                acc_head=args.acc_head,
+                forest_kind=args.forest_kind,
+                forest_trees=args.forest_trees,
             )
             fit_predictor(pred, chosen if var == "family" else [*others, *chosen], args.acc_norm)
             pr = collect_predictions(pred, test, [target])[target]
@@ -326,6 +349,12 @@ def _first_archs(fps: list[str], n: int) -> set[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.epochs < 0 or args.forest_trees < 1 or args.seeds < 1:
+        print(
+            "acc_predictor_joint: error: --epochs ≥ 0, --forest_trees and --seeds ≥ 1",
+            file=sys.stderr,
+        )
+        return 2
     if not Path(args.store).is_file():
         print(f"acc_predictor_joint: error: no store at {args.store}", file=sys.stderr)
         return 2

@@ -17,7 +17,15 @@ within-family z-scores; without them the fine-tune is AIO-P's (benchmarks/result
 acc_predictor_v4/README.md compares them; its selected protocol re-levels only).
 ``-fine_tune_joint`` instead trains the network on the ``#N`` architectures together with the
 training families from the start (variant ``joint``); measured on v4 classification it did not
-beat the zero-shot ranking (benchmarks/results/acc_predictor_v4_joint/README.md)::
+beat the zero-shot ranking (benchmarks/results/acc_predictor_v4_joint/README.md).
+``-acc_head forest`` answers the accuracy targets with a tree ensemble on each graph's block
+readout (stages and blocks found in the CG; ``aiop.predictor.blocks``) instead of the
+network's heads; with ``-fine_tune_joint`` (or any fine-tune) the ``#N`` architectures join
+its training rows. Measured: benchmarks/results/acc_predictor_v5_forest/README.md::
+
+    python scripts/run_gpi_acc_predictor.py -cache_file data/task_labels.db \
+        -family_test 'ofa_mbv3#150' -targets acc:classification -acc_head forest \
+        -fine_tune_joint -num_seeds 2
 
     python scripts/run_gpi_acc_predictor.py -cache_file data/task_labels.db \
         -family_test 'ofa_mbv3#20' -targets acc:classification -acc_mode individual-v4 \
@@ -171,6 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="accuracy target normaliser: over all training samples (AIO-P) or per family "
         "(within-family z-scores)",
     )
+    p.add_argument(
+        "-acc_head",
+        default="gnn",
+        choices=["gnn", "forest"],
+        help="what answers accuracy targets: the network's heads (AIO-P) or a tree ensemble "
+        "on the graph's block readout",
+    )
+    p.add_argument("-forest_kind", default="extra", choices=["extra", "random"])
+    p.add_argument("-forest_trees", type=int, default=200, help="trees of -acc_head forest")
     p.add_argument("-num_seeds", type=int, default=2)
     p.add_argument("-seed", type=int, default=0, help="first training seed")
     p.add_argument("-split_seed", type=int, default=0, help="seed of the #N selection")
@@ -191,7 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for name in ("epochs", "num_seeds", "batch_size", "fine_tune_batch_size", "threads"):
+    for name in (
+        "epochs",
+        "num_seeds",
+        "batch_size",
+        "fine_tune_batch_size",
+        "threads",
+        "forest_trees",
+    ):
         if getattr(args, name) < 1:
             raise UsageError(f"-{name} must be at least 1")
     for name in ("fine_tune_epochs", "k_epochs"):
@@ -222,6 +246,8 @@ def _check_args(args: argparse.Namespace) -> None:
             "-fine_tune_joint trains on the #N architectures itself; it does not combine with "
             "-fine_tune_epochs, -fine_tune_relevel or -k_adapt"
         )
+    if args.acc_head == "forest" and args.k_adapt is not None:
+        raise UsageError("-acc_head forest has no K-adapters: drop -k_adapt")
     if args.k_adapt is not None and not args.family_k:
         raise UsageError("-k_adapt needs -family_k FAMILY [FAMILY ...] to train adapters on")
 
@@ -337,6 +363,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             analytic=not args.no_analytic,
             latency_kind=args.latency_kind,
             kernel_model=args.kernel_model,
+            acc_head=args.acc_head,
+            forest_kind=args.forest_kind,
+            forest_trees=args.forest_trees,
         )
         if not split.train:
             raise UsageError("no training samples in -family_train")

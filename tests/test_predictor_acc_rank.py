@@ -301,6 +301,8 @@ def test_script_relevel_only_keeps_the_zero_shot_ranking(store_path, tmp_path, c
         (["-fine_tune_joint", "-fine_tune_epochs", "2"], "-fine_tune_joint"),
         (["-fine_tune_joint", "-fine_tune_relevel"], "-fine_tune_joint"),
         (["-pos_enc", "17"], "pos_enc must be between 0 and 16"),
+        (["-acc_head", "forest", "-k_adapt", "1", "-family_k", "cnn"], "-acc_head forest"),
+        (["-acc_head", "forest", "-forest_trees", "0"], "-forest_trees"),
     ],
 )
 def test_script_bad_ranking_flags(store_path, tmp_path, capsys, flags, message):
@@ -332,6 +334,20 @@ def test_script_joint_trains_on_the_finetune_architectures(store_path, tmp_path,
     assert joint["split"]["res"]["test_architectures"] == len(WIDTHS) - 3
     # the same held-out architectures, but the network has seen the family's level
     assert joint["results"]["res"]["joint"]["acc:cls"]["mape"]["mean"] < zero["mape"]["mean"]
+
+
+def test_script_forest_head_joint(store_path, tmp_path, capsys):
+    script = _load_script()
+    out = tmp_path / "out"
+    flags = ("-fine_tune_joint", "-acc_head", "forest", "-forest_trees", "20", "-save_predictor")
+    assert _run_joint(script, store_path, out, "f", *flags) == 0, capsys.readouterr().err
+    result = json.loads((out / "f.json").read_text())
+    assert result["args"]["acc_head"] == "forest"
+    metrics = result["results"]["res"]["joint"]["acc:cls"]
+    # the held-out architectures of "res" sit at the level of the 3 the forest has seen
+    assert metrics["mape"]["mean"] < 2.0
+    saved = Predictor.load(out / "f_seed0.safetensors")
+    assert saved.acc_head == "forest" and set(saved.acc_forests) == {T}
 
 
 def test_script_joint_needs_finetune_architectures(store_path, tmp_path, capsys):
@@ -370,6 +386,23 @@ def test_joint_benchmark_curves_and_resume(store_path, tmp_path, capsys):
     assert bench.main(argv) == 0
     assert (tmp_path / "j_runs.jsonl").read_text() == runs
     assert json.loads((tmp_path / "j.json").read_text())["summary"] == result["summary"]
+
+
+def test_joint_benchmark_with_the_forest_head(store_path, tmp_path, capsys):
+    bench = load_script("benchmarks/acc_predictor_joint.py", "acc_predictor_joint")
+    argv = [
+        "--store", str(store_path), "--task", "cls", "--acc_mode", "any", "--families", "res",
+        "--n_max", "4", "--ns", "4", "--seeds", "1", "--epochs", "0", "--acc_head", "forest",
+        "--forest_trees", "20", "--no_forest", "--out", str(tmp_path), "--name", "f", "-q",
+    ]  # fmt: skip
+    assert bench.main(argv) == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "f.json").read_text())
+    assert result["settings"]["acc_head"] == "forest"
+    assert "forest on the block readout (extra, 20 trees)" in (tmp_path / "f.md").read_text()
+    # the forest has seen 4 of the family's 6 architectures: it answers at the family's level
+    assert result["summary"]["res|joint|4"]["metrics"]["mape"]["mean"] < 2.0
+    assert bench.main([*argv, "--epochs", "-1"]) == 2
+    assert "--epochs" in capsys.readouterr().err
 
 
 def test_forest_reference_reads_the_stored_architecture(store_path):

@@ -16,11 +16,16 @@ Targets and how they are learned:
   and is what :meth:`Predictor.predict` reports, the head's value is kept as
   ``flops_predicted`` for comparison with AIO-P's setting;
 * ``acc:<task>`` — a task metric (``stand`` or ``stand_flops``, AIO-P's
-  ``-tar_norm``).
+  ``-tar_norm``). With ``acc_head="forest"`` a tree ensemble on the graph's block
+  readout (:mod:`aiop.predictor.blocks`, :mod:`aiop.predictor.forest`) answers it
+  instead of the network's head; fitted on every labelled graph, refitted on the
+  union when fine-tuned.
 
 The file format is one ``.safetensors`` file: the weights, plus JSON metadata
 naming the format, the CG feature version, the GNN spec, the normalisers and
-the validation error quantiles. Nothing is pickled.
+the validation error quantiles; an accuracy forest's trees (and the rows it was
+fitted on, so a fine-tune can refit on their union) are more tensors in the same
+file. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -46,7 +51,9 @@ from aiop.cg.vocab import OP_VOCAB
 from aiop.mconfig import MConfig
 from aiop.mconfig.config import VECTOR_NAMES
 from aiop.predictor.analytic import PlanCache, estimate_memory, structural_key
+from aiop.predictor.blocks import READOUT_NAMES, READOUT_VERSION, block_readout
 from aiop.predictor.features import ANALYTIC_NAMES, GraphFeaturizer, analytic_features
+from aiop.predictor.forest import FOREST_KINDS, ForestError, TreeEnsemble
 from aiop.predictor.kernels import DEFAULT_KERNEL_MODEL, KernelModel, KernelModelError
 from aiop.predictor.latency import (
     HALF_PRECISIONS,
@@ -69,6 +76,8 @@ FORMAT = "aiop-predictor"
 FORMAT_VERSION = 1
 # Graphs whose analytic-model cache a predictor keeps (a server sees many graphs).
 PLAN_CACHE_GRAPHS = 32
+ACC_HEADS = ("gnn", "forest")
+FOREST_PREFIX = "acc_forest/"
 
 
 class PredictorError(ValueError):
@@ -263,8 +272,24 @@ class Predictor:
         analytic: bool = True,
         latency_kind: str = "kernels",
         kernel_model: KernelModel | str | Path | None = None,
+        acc_head: str = "gnn",
+        forest_kind: str = "extra",
+        forest_trees: int = 200,
     ) -> None:
         self.spec = spec
+        if acc_head not in ACC_HEADS:
+            raise PredictorError(f"acc_head must be one of {ACC_HEADS}, got {acc_head!r}")
+        if forest_kind not in FOREST_KINDS:
+            raise PredictorError(f"forest_kind must be one of {FOREST_KINDS}, got {forest_kind!r}")
+        if forest_trees < 1:
+            raise PredictorError(f"forest_trees must be positive, got {forest_trees}")
+        # "gnn": the network's heads predict accuracy (AIO-P); "forest": a tree ensemble on the
+        # graph's block readout does (the network still learns every target)
+        self.acc_head = acc_head
+        self.forest_kind = forest_kind
+        self.forest_trees = forest_trees
+        self.acc_forests: dict[str, TreeEnsemble] = {}
+        self._forest_rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         if latency_kind not in ("kernels", "terms"):
             raise PredictorError(f"latency_kind must be kernels or terms, got {latency_kind!r}")
         # "kernels": step latency as the sum of the device's kernel times (the default);
@@ -542,7 +567,64 @@ class Predictor:
             self.spec = spec
             self.model = PerformanceGNN(spec)
             self.normalizers = {}
-        return self._train_epochs(samples, self.epochs, seed_torch=False)
+        report = self._train_epochs(samples, self.epochs, seed_torch=False)
+        self.fit_acc_forest(samples, extend=not fresh)
+        return report
+
+    # -- the accuracy forest ---------------------------------------------------------
+    def acc_features(self, cg: ComputeGraph, configs: Sequence[MConfig]) -> np.ndarray:
+        """``[len(configs), readout + config vector]``: what the accuracy forest reads."""
+        readout = block_readout(cg)
+        return np.stack([np.concatenate([readout, c.as_vector()]) for c in configs])
+
+    def fit_acc_forest(self, samples: Sequence[Sample], extend: bool = False) -> None:
+        """(Re)fit one forest per accuracy target on ``samples`` (with ``extend``: on them and
+        the rows the forest was fitted on before). Does nothing unless ``acc_head="forest"``."""
+        if self.acc_head != "forest":
+            return
+        for t in [t for t in self.targets if t.startswith("acc:")]:
+            by_graph: dict[int, tuple[ComputeGraph, list[MConfig], list[float]]] = {}
+            for s in samples:
+                if t in s.labels and math.isfinite(s.labels[t]):
+                    _, cfgs, ys = by_graph.setdefault(id(s.cg), (s.cg, [], []))
+                    cfgs.append(s.config)
+                    ys.append(float(s.labels[t]))
+            parts = [(self.acc_features(cg, cfgs), ys) for cg, cfgs, ys in by_graph.values()]
+            xs = [p[0] for p in parts]
+            ys = [np.asarray(p[1], dtype=np.float64) for p in parts]
+            if extend and t in self._forest_rows:
+                xs.insert(0, self._forest_rows[t][0])
+                ys.insert(0, self._forest_rows[t][1])
+            if not xs or sum(len(y) for y in ys) < 2:
+                log.warning("%s: fewer than 2 labelled rows, no accuracy forest", t)
+                continue
+            x, y = np.concatenate(xs), np.concatenate(ys)
+            try:
+                forest = TreeEnsemble.fit(
+                    x, y, kind=self.forest_kind, trees=self.forest_trees, seed=self.seed
+                )
+            except ForestError as exc:
+                raise PredictorError(f"{t}: {exc}") from None
+            self._forest_rows[t] = (x, y)
+            self.acc_forests[t] = forest
+
+    def _forest_accuracy(
+        self, cg: ComputeGraph, configs: Sequence[MConfig]
+    ) -> dict[str, np.ndarray]:
+        """Each forest's prediction per configuration; one row per graph when no tree splits on
+        the configuration vector (accuracy labels measured under one configuration)."""
+        if not self.acc_forests:
+            return {}
+        x = self.acc_features(cg, configs)
+        width = len(READOUT_NAMES)
+        out = {}
+        for t, forest in self.acc_forests.items():
+            inner = forest.left != -1
+            if (forest.feature[inner] >= width).any():
+                out[t] = forest.predict(x)
+            else:
+                out[t] = np.repeat(forest.predict(x[:1]), len(configs))
+        return out
 
     def calibrate(self, samples: Sequence[Sample]) -> dict[str, dict[str, float]]:
         """Record relative-error quantiles on held-out ``samples`` (the planner's safety margin)."""
@@ -657,6 +739,7 @@ class Predictor:
         decoded = {
             t: self.normalizers[t].inverse(out[t].numpy().astype(np.float64), flops) for t in out
         }
+        forest_acc = self._forest_accuracy(cg, configs)
         for k, (c, est) in enumerate(zip(configs, estimates)):
             r: dict[str, Any] = {"config": c.format()}
             if "memory" in decoded and self._ratio("memory"):
@@ -680,7 +763,8 @@ class Predictor:
                 r["flops_predicted"] = float(decoded["flops"][k])
             for t in decoded:
                 if t.startswith("acc:"):
-                    r.setdefault("accuracy", {})[t[4:]] = float(decoded[t][k])
+                    value = forest_acc[t][k] if t in forest_acc else decoded[t][k]
+                    r.setdefault("accuracy", {})[t[4:]] = float(value)
             results.append(r)
         return results
 
@@ -697,6 +781,13 @@ class Predictor:
             "meta": self.meta,
             "analytic": self.analytic,
             "latency_model": self.latency_model.to_dict() if self.latency_model else None,
+            "acc_head": {
+                "kind": self.acc_head,
+                "forest_kind": self.forest_kind,
+                "forest_trees": self.forest_trees,
+                "readout_version": READOUT_VERSION,
+                "forests": {t: f.n_features for t, f in self.acc_forests.items()},
+            },
         }
 
     def _restore_state_json(self, config: dict[str, Any]) -> None:
@@ -715,6 +806,17 @@ class Predictor:
                 self.latency_kind = "terms"
         except LatencyError as exc:
             raise PredictorError(f"predictor file: {exc}") from None
+        head = config.get("acc_head") or {"kind": "gnn"}
+        self.acc_head = head["kind"]
+        self.forest_kind = head.get("forest_kind", self.forest_kind)
+        self.forest_trees = int(head.get("forest_trees", self.forest_trees))
+        if self.acc_head not in ACC_HEADS:
+            raise PredictorError(f"unknown accuracy head {self.acc_head!r}")
+        if head.get("forests") and head.get("readout_version") != READOUT_VERSION:
+            raise PredictorError(
+                f"the predictor's accuracy forests read block readout version "
+                f"{head.get('readout_version')}, this aiop computes {READOUT_VERSION}: retrain it"
+            )
         width = len(ANALYTIC_NAMES) if self.analytic else 0
         if self.spec.analytic_dim != width:
             raise PredictorError(
@@ -737,7 +839,38 @@ class Predictor:
                 }
             ),
         }
-        return write_weights(path, model.state_dict(), meta)
+        return write_weights(path, {**model.state_dict(), **self._forest_tensors()}, meta)
+
+    def _forest_tensors(self) -> dict[str, torch.Tensor]:
+        state: dict[str, torch.Tensor] = {}
+        for t, forest in self.acc_forests.items():
+            state.update(forest.to_tensors(f"{FOREST_PREFIX}{t}/"))
+            x, y = self._forest_rows[t]
+            state[f"{FOREST_PREFIX}{t}/rows_x"] = torch.from_numpy(np.ascontiguousarray(x))
+            state[f"{FOREST_PREFIX}{t}/rows_y"] = torch.from_numpy(np.ascontiguousarray(y))
+        return state
+
+    def _restore_forests(self, config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+        """Take the accuracy forests' tensors out of ``state`` (the rest is the network's)."""
+        forests = (config.get("acc_head") or {}).get("forests") or {}
+        for t, n_features in forests.items():
+            prefix = f"{FOREST_PREFIX}{t}/"
+            try:
+                self.acc_forests[t] = TreeEnsemble.from_tensors(state, prefix, n_features)
+                x = state[prefix + "rows_x"].numpy()
+                y = state[prefix + "rows_y"].numpy()
+            except (ForestError, KeyError) as exc:
+                raise PredictorError(f"accuracy forest {t}: {exc}") from None
+            if x.ndim != 2 or x.shape != (len(y), n_features):
+                raise PredictorError(f"accuracy forest {t}: rows of the wrong shape {x.shape}")
+            self._forest_rows[t] = (x, y)
+            if n_features != len(READOUT_NAMES) + len(VECTOR_NAMES):
+                raise PredictorError(
+                    f"accuracy forest {t} reads {n_features} features, this aiop gives "
+                    f"{len(READOUT_NAMES) + len(VECTOR_NAMES)}: retrain it"
+                )
+        for key in [k for k in state if k.startswith(FOREST_PREFIX)]:
+            del state[key]
 
     @classmethod
     def load(cls, path: str | Path) -> Predictor:
@@ -750,10 +883,13 @@ class Predictor:
             pred._restore_state_json(config)
             if config.get("vocabulary") != list(OP_VOCAB):
                 raise PredictorError(f"{path}: op vocabulary differs from this aiop's")
+            pred._restore_forests(config, state)
             model = PerformanceGNN(spec)
             model.load_state_dict(state)
-        except PredictorError:
-            raise
+        except PredictorError as exc:
+            if str(exc).startswith(str(path)):
+                raise
+            raise PredictorError(f"{path}: {exc}") from None
         except (KeyError, TypeError, ValueError, RuntimeError, json.JSONDecodeError) as exc:
             raise PredictorError(
                 f"{path}: corrupt predictor metadata ({str(exc).splitlines()[0]})"

@@ -411,6 +411,9 @@ def clone_predictor(pred: Predictor) -> Predictor:
     new.targets = list(pred.targets)
     new.error_quantiles = copy.deepcopy(pred.error_quantiles)
     new.meta = copy.deepcopy(pred.meta)
+    # fitted forests are replaced, never modified: a new dict keeps the clone's refits apart
+    new.acc_forests = dict(pred.acc_forests)
+    new._forest_rows = dict(pred._forest_rows)
     return new
 
 
@@ -454,7 +457,9 @@ def finetune(
     custom = params != "all" or relevel or rank_weight > 0 or select_folds >= 2
     if not custom:  # AIO-P's fine-tune, bit for bit as before
         if epochs > 0 and labelled:
-            new.fit(labelled, finetune=True)
+            new.fit(labelled, finetune=True)  # refits the accuracy forest on the union too
+        elif labelled:
+            new.fit_acc_forest(labelled, extend=True)
         return new
     seed = pred.seed if seed is None else seed
     stop = epochs
@@ -469,6 +474,8 @@ def finetune(
         relevel_acc(new, labelled, "moments" if relevel is True else str(relevel))
     if stop > 0 and labelled:
         _finetune_loop(new, labelled, epochs, stop, params, rank_weight, seed)
+    if labelled:
+        new.fit_acc_forest(labelled, extend=True)
     new.meta.setdefault("finetune", []).append(
         {
             "epochs": stop,
@@ -864,6 +871,8 @@ def fit_predictor(
         report = FitReport(epochs=epochs, train_loss=losses)
     else:
         report = pred.fit(z)
+    if family or (rank_weight > 0 and accs):
+        pred.fit_acc_forest(samples)  # on the labels themselves, not the z-scores
     if not family:
         return report
     ref = {}

@@ -1,0 +1,255 @@
+"""The block readout, the tree ensemble stored without pickle, and the predictor's accuracy
+forest (``Predictor(acc_head="forest")``): fit, predict, fine-tune, save/load, bad files."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from scipy.stats import spearmanr
+
+from aiop.cg import from_onnx, from_torch
+from aiop.mconfig import MConfig
+from aiop.models.families import build_arch, sample_arch
+from aiop.predictor.api import Predictor, PredictorError, Sample
+from aiop.predictor.blocks import (
+    MAX_BLOCKS,
+    READOUT_NAMES,
+    block_readout,
+    find_blocks,
+    find_stages,
+)
+from aiop.predictor.forest import ForestError, TreeEnsemble
+from aiop.predictor.model import GNNSpec
+from aiop.predictor.train import clone_predictor, finetune
+
+T = "acc:cls"
+
+
+# -- the tree ensemble ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def regression_data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 12))
+    y = 2 * x[:, 0] + np.sin(3 * x[:, 1]) + 0.1 * rng.normal(size=200)
+    return x, y, rng.normal(size=(300, 12))
+
+
+@pytest.mark.parametrize("kind", ["extra", "random"])
+def test_forest_predicts_what_scikit_learn_predicts(regression_data, kind):
+    from sklearn.ensemble import ExtraTreesRegressor, RandomForestRegressor
+
+    x, y, x_new = regression_data
+    forest = TreeEnsemble.fit(x, y, kind=kind, trees=30, seed=4)
+    maker = ExtraTreesRegressor if kind == "extra" else RandomForestRegressor
+    reference = maker(n_estimators=30, min_samples_leaf=3, random_state=4).fit(x, y)
+    np.testing.assert_allclose(forest.predict(x_new), reference.predict(x_new), atol=1e-12)
+    # the arrays are the whole model: a round trip through tensors predicts the same
+    again = TreeEnsemble.from_tensors(forest.to_tensors("f/"), "f/", x.shape[1])
+    np.testing.assert_array_equal(again.predict(x_new), forest.predict(x_new))
+
+
+def test_forest_refuses_bad_input_and_broken_arrays(regression_data):
+    x, y, _ = regression_data
+    with pytest.raises(ForestError, match="unknown forest kind"):
+        TreeEnsemble.fit(x, y, kind="boosted")
+    with pytest.raises(ForestError, match="finite"):
+        TreeEnsemble.fit(np.where(x > 2, np.nan, x), y)
+    with pytest.raises(ForestError, match="2 rows"):
+        TreeEnsemble.fit(x[:1], y[:1])
+    forest = TreeEnsemble.fit(x, y, trees=5)
+    with pytest.raises(ForestError, match="reads 12 features"):
+        forest.predict(x[:, :5])
+    for name, bad in [
+        ("left", lambda a: a.__setitem__(int(np.flatnonzero(a != -1)[0]), 10**9)),
+        ("feature", lambda a: a.__setitem__(0, 99)),
+        ("left", lambda a: a.__setitem__(int(np.flatnonzero(a != -1)[0]), 0)),  # a cycle
+    ]:
+        state = forest.to_tensors("f/")
+        array = state[f"f/{name}"].numpy().copy()
+        bad(array)
+        state[f"f/{name}"] = torch.from_numpy(array)
+        with pytest.raises(ForestError):
+            TreeEnsemble.from_tensors(state, "f/", 12)
+    state = forest.to_tensors("f/")
+    del state["f/value"]
+    with pytest.raises(ForestError, match="missing"):
+        TreeEnsemble.from_tensors(state, "f/", 12)
+
+
+# -- the block readout ---------------------------------------------------------------------
+def _family_cg(family: str, seed: int):
+    arch = sample_arch(family, seed)
+    model = build_arch(arch, resolution=32).eval()
+    return arch, model, from_torch(model, (1, 3, 32, 32), name=f"{family}:{seed}")
+
+
+def test_readout_finds_the_architectures_blocks_and_stages():
+    arch, _, cg = _family_cg("ofa_mbv3", 5)
+    stages = find_stages(find_blocks(cg))
+    # stem + the 16-wide first block, then the 5 elastic stages (at 32 px the last one runs on
+    # 1 x 1 maps: the squeeze-excite convolutions there must not pass for blocks)
+    elastic = stages[-5:]
+    assert [len(s) for s in elastic] == arch["d"]
+    assert [[b.kernel for b in s] for s in elastic] == arch["ks"]
+    for stage, expands in zip(elastic, arch["e"]):
+        assert len({b.width for b in stage}) == 1
+        # past the stage's first block, a block expands the stage's width
+        assert [b.mid for b in stage[1:]] == [b.width * e for b, e in zip(stage[1:], expands[1:])]
+    assert [s[0].resolution for s in elastic] == [8, 4, 2, 2, 1]
+    v = block_readout(cg)
+    assert v.shape == (len(READOUT_NAMES),)
+    k = READOUT_NAMES.index
+    first = len(stages) - 5
+    assert v[k(f"s{first}.blocks")] == arch["d"][0]
+    assert v[k(f"s{first}.b0.kernel")] == arch["ks"][0][0]
+    assert v[k(f"s{first}.b{arch['d'][0]}.present")] == 0.0  # past the stage's depth
+    assert v[k("ops.HardSwish")] > 0 and v[k("stages")] == len(stages)
+
+
+def test_readout_of_a_bottleneck_family_and_of_an_onnx_file(tmp_path):
+    arch, model, cg = _family_cg("ofa_resnet", 2)
+    stages = find_stages(find_blocks(cg))
+    assert [len(s) for s in stages[-4:]] == [len(e) for e in arch["e"]]
+    assert all(len(s) <= MAX_BLOCKS for s in stages)
+    # nothing in the readout reads module names: a user's inference export of the network
+    # (BatchNorm folded into the convolutions, so other op counts, FLOPs and parameters)
+    # has the same blocks and stages
+    buf = io.BytesIO()
+    torch.onnx.export(model, torch.randn(1, 3, 32, 32), buf, dynamo=False)
+    structure = [
+        i for i, n in enumerate(READOUT_NAMES) if n.startswith("s") and not n.startswith("stages")
+    ]
+    structure.append(READOUT_NAMES.index("stages"))
+    onnx_readout = block_readout(from_onnx(buf.getvalue()))
+    np.testing.assert_array_equal(onnx_readout[structure], block_readout(cg)[structure])
+
+
+# -- the predictor's accuracy forest ---------------------------------------------------------
+def _label(cg) -> float:
+    """A synthetic accuracy that depends on which blocks exist and their kernels."""
+    blocks = find_blocks(cg)
+    return 0.5 + 0.01 * len(blocks) + 0.004 * sum(b.kernel == 7 for b in blocks)
+
+
+@pytest.fixture(scope="module")
+def family_samples() -> list[Sample]:
+    out = []
+    for family, n in (("ofa_mbv3", 22), ("ofa_pn", 4)):
+        for seed in range(n):
+            _, _, cg = _family_cg(family, seed)
+            out.append(Sample(cg, MConfig(), {T: _label(cg)}, family))
+    return out
+
+
+def _forest_predictor(**kw) -> Predictor:
+    return Predictor(
+        spec=GNNSpec(conv="graphconv", layers=2, hidden=8, head_hidden=8),
+        targets=[T],
+        epochs=kw.pop("epochs", 2),
+        batch_size=8,
+        progress=False,
+        acc_head="forest",
+        forest_trees=50,
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def forest_pred(family_samples) -> Predictor:
+    pred = _forest_predictor()
+    pred.fit(family_samples[:14] + family_samples[22:])
+    return pred
+
+
+def _accuracy(pred: Predictor, samples: list[Sample]) -> np.ndarray:
+    return np.array([pred.predict(s.cg, [s.config])[0]["accuracy"]["cls"] for s in samples])
+
+
+def test_forest_answers_accuracy_and_ranks_held_out_architectures(forest_pred, family_samples):
+    held = family_samples[14:22]
+    got = _accuracy(forest_pred, held)
+    x = np.stack([forest_pred.acc_features(s.cg, [s.config])[0] for s in held])
+    np.testing.assert_array_equal(got, forest_pred.acc_forests[T].predict(x))
+    truth = [s.labels[T] for s in held]
+    assert spearmanr(got, truth)[0] > 0.6
+    # the network's own head (2 epochs) is not what answers
+    gnn = Predictor.__new__(Predictor)
+    gnn.__dict__ = {**forest_pred.__dict__, "acc_forests": {}}
+    assert not np.allclose(_accuracy(gnn, held), got)
+    # one graph, many configurations: accuracy labels came under one configuration, so the
+    # forest answers the same for each
+    many = forest_pred.predict(held[0].cg, ["bs=8", "bs=16,freeze=0.5", "bs=4,method=last"])
+    assert {r["accuracy"]["cls"] for r in many} == {got[0]}
+
+
+def test_forest_fine_tune_refits_on_the_union_and_leaves_the_base(forest_pred, family_samples):
+    held = family_samples[14:22]
+    rows = len(forest_pred._forest_rows[T][1])
+    before = _accuracy(forest_pred, held)
+    tuned = finetune(forest_pred, held[:4], epochs=0)
+    assert len(tuned._forest_rows[T][1]) == rows + 4
+    assert len(forest_pred._forest_rows[T][1]) == rows
+    np.testing.assert_array_equal(_accuracy(forest_pred, held), before)
+    # the labelled architectures now sit in the forest: it answers them far closer
+    err_before = np.abs(before[:4] - [s.labels[T] for s in held[:4]]).mean()
+    err_after = np.abs(_accuracy(tuned, held[:4]) - [s.labels[T] for s in held[:4]]).mean()
+    assert err_after < err_before
+    clone = clone_predictor(forest_pred)
+    clone.fit_acc_forest(held, extend=True)
+    assert len(forest_pred._forest_rows[T][1]) == rows
+
+
+def test_forest_save_load_round_trip_and_bad_files(forest_pred, family_samples, tmp_path):
+    path = forest_pred.save(tmp_path / "f.safetensors")
+    loaded = Predictor.load(path)
+    held = family_samples[14:22]
+    np.testing.assert_array_equal(_accuracy(loaded, held), _accuracy(forest_pred, held))
+    assert loaded.acc_head == "forest" and loaded.forest_trees == 50
+    np.testing.assert_array_equal(loaded._forest_rows[T][0], forest_pred._forest_rows[T][0])
+    # a fine-tune of the loaded predictor still refits on the original rows too
+    assert len(finetune(loaded, held[:2], epochs=0)._forest_rows[T][1]) == 14 + 4 + 2
+
+    state = load_file(str(path))
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+
+    def write(name: str, state: dict, meta: dict) -> str:
+        out = tmp_path / name
+        save_file(state, str(out), metadata=meta)
+        return str(out)
+
+    broken = dict(state)
+    broken[f"acc_forest/{T}/feature"] = torch.full_like(state[f"acc_forest/{T}/feature"], 10**6)
+    with pytest.raises(PredictorError, match=r"accuracy forest acc:cls.*feature index"):
+        Predictor.load(write("b1.safetensors", broken, meta))
+    missing = {k: v for k, v in state.items() if not k.endswith("/rows_x")}
+    with pytest.raises(PredictorError, match="accuracy forest acc:cls"):
+        Predictor.load(write("b2.safetensors", missing, meta))
+    config = json.loads(meta["config"])
+    config["acc_head"]["readout_version"] = 999
+    with pytest.raises(PredictorError, match="block readout version 999"):
+        Predictor.load(write("b3.safetensors", state, {**meta, "config": json.dumps(config)}))
+
+
+def test_forest_settings_are_checked():
+    with pytest.raises(PredictorError, match="acc_head"):
+        Predictor(acc_head="boosted")
+    with pytest.raises(PredictorError, match="forest_kind"):
+        Predictor(acc_head="forest", forest_kind="boosted")
+    with pytest.raises(PredictorError, match="forest_trees"):
+        Predictor(acc_head="forest", forest_trees=0)
+
+
+def test_gnn_head_keeps_no_forest(family_samples, tmp_path):
+    pred = _forest_predictor(epochs=1)
+    pred.acc_head = "gnn"
+    pred.fit(family_samples[:6])
+    assert pred.acc_forests == {}
+    loaded = Predictor.load(pred.save(tmp_path / "g.safetensors"))
+    assert loaded.acc_head == "gnn" and loaded.acc_forests == {}
