@@ -58,8 +58,9 @@ def tags(args: argparse.Namespace, family: str, task: str) -> dict[str, str]:
 
     name = task_recipe(args.recipe, task)
     head = f"p{args.pool}s{args.head_steps}{args.mode}"
+    truth = {"repeats": args.truth_repeats} if args.truth_repeats > 1 else None
     return {
-        "individual": label_tag(args.recipe, task),
+        "individual": label_tag(args.recipe, task, overrides=truth),
         "shared": f"shared-{name}-ft{args.ft_epochs}-s{args.seed}-{head}",
         "scratch": f"scratch-{name}-ft{args.ft_epochs}-s{args.seed}",
     }
@@ -93,6 +94,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.perf_counter()
             tg = tags(args, family, task)
             full = recipe_config(args.recipe, task)
+            truth = replace(full, repeats=args.truth_repeats) if args.truth_repeats > 1 else full
             # one short training under a seed the ground truth does not use (it averages seeds
             # 0..repeats-1): sharing a seed would share its noise and flatter the comparison
             short = replace(full, epochs=args.ft_epochs, repeats=1, seed=args.seed)
@@ -123,7 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 # architectures with the same recipe meanwhile, and those are then reused
                 if args.individual:
                     label_archs(
-                        store, specs, [task], full, tag=tg["individual"], progress=args.progress
+                        store, specs, [task], truth, tag=tg["individual"], progress=args.progress
                     )
             head_cpu = load_head(chkpt)[1].get("cpu_seconds") if chkpt.exists() else None
             ind = _extras(store, task, tg["individual"])
@@ -180,7 +182,8 @@ def _result(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, A
         "command": "python benchmarks/pseudo_labels.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, shared 2-core host",
         "settings": {
-            "individual": f"label recipe {args.recipe} (aiop.tasks.recipes), {backbone}",
+            "individual": f"label recipe {args.recipe} (aiop.tasks.recipes), {backbone}"
+            + (f", mean of {args.truth_repeats} seeds" if args.truth_repeats > 1 else ""),
             "shared": f"{args.ft_epochs} epoch(s) of recipe {args.recipe} from the shared head",
             "scratch": f"{args.ft_epochs} epoch(s) of recipe {args.recipe}, a fresh head",
             "head": f"pool {args.pool}, {args.head_steps} steps, mode {args.mode}",
@@ -236,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         "--seed", type=int, default=7, help="seed of the short trainings (not one of the truth's)"
     )
     p.add_argument("--mode", default="swap", choices=["swap", "latent"])
+    p.add_argument(
+        "--truth_repeats",
+        type=int,
+        default=1,
+        help="seeds the ground truth averages (> 1: a set of its own, less seed noise)",
+    )
     p.add_argument("--out", default="pseudo_labels", help="result file stem")
     p.add_argument("--progress", action="store_true")
     p.add_argument(
@@ -254,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         "--report_only", action="store_true", help="no training: report the stored labels"
     )
     args = p.parse_args(argv)
+    if args.truth_repeats < 1:
+        p.error("--truth_repeats must be at least 1")
     logging.basicConfig(level=logging.WARNING)
     if args.recipe is None:
         from aiop.tasks.recipes import DEFAULT_RECIPE

@@ -28,7 +28,6 @@ whose recipe differs from the labels the set already holds is refused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import sys
@@ -96,11 +95,7 @@ def build_parser() -> OneLineParser:
 def default_tag(recipe: str, task: str, overrides: dict[str, object], *, shared: bool) -> str:
     """``label_tag(recipe, task)`` (``individual-<name>`` / ``shared-<name>``), plus a hash of
     any overridden settings."""
-    tag = label_tag(recipe, task, "shared" if shared else "individual")
-    if overrides:
-        blob = json.dumps(overrides, sort_keys=True)
-        tag += "-" + hashlib.sha256(blob.encode()).hexdigest()[:6]
-    return tag
+    return label_tag(recipe, task, "shared" if shared else "individual", overrides)
 
 
 def describe_tags(tags: dict[str, str]) -> str:

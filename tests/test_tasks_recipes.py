@@ -226,7 +226,9 @@ def test_pseudo_label_benchmark_names_sets_per_task() -> None:
     from script_helpers import load_script
 
     bench = load_script("benchmarks/pseudo_labels.py", "pseudo_labels_bench")
-    args = argparse.Namespace(recipe="v3", pool=4, head_steps=200, mode="swap", ft_epochs=1, seed=7)
+    args = argparse.Namespace(
+        recipe="v3", pool=4, head_steps=200, mode="swap", ft_epochs=1, seed=7, truth_repeats=1
+    )
     assert bench.tags(args, "ofa_mbv3", "classification") == {
         "individual": "individual-v2",
         "shared": "shared-v2-ft1-s7-p4s200swap",
@@ -234,6 +236,14 @@ def test_pseudo_label_benchmark_names_sets_per_task() -> None:
     }
     pose = bench.tags(args, "ofa_mbv3", "pose")
     assert pose["individual"] == "individual-v3" and pose["shared"].startswith("shared-v3-")
+    # a ground truth averaging 2 seeds is a set of its own, named as the store command names
+    # `-repeats 2` labels; the pseudo-label sets stay where they were
+    args.truth_repeats = 2
+    two = bench.tags(args, "ofa_mbv3", "pose")
+    cgs = load_script("scripts/run_train_cgs_on_task.py", "run_train_cgs_recipes")
+    assert two["individual"] == cgs.default_tag("v3", "pose", {"repeats": 2}, shared=False)
+    assert two["individual"].startswith("individual-v3-") and two["shared"] == pose["shared"]
+    assert label_tag("v3", "pose", overrides={}) == "individual-v3"
 
 
 def test_v4_inherits_from_the_supernet_and_names_it() -> None:

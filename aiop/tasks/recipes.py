@@ -215,11 +215,19 @@ def task_recipe(name: str, task: str) -> str:
     return recipe_name(recipe_config(name, task), task, DEFAULT_WIDTH)
 
 
-def label_tag(name: str, task: str, kind: str = "individual") -> str:
+def label_tag(
+    name: str, task: str, kind: str = "individual", overrides: Mapping[str, Any] | None = None
+) -> str:
     """The default label-set tag of recipe ``name`` for ``task``: ``<kind>-<first named
     recipe that trains the task the same way>`` (``label_tag("v3", "classification")`` is
-    ``individual-v2``, ``label_tag("v3", "pose")`` is ``individual-v3``)."""
-    return f"{kind}-{task_recipe(name, task)}"
+    ``individual-v2``, ``label_tag("v3", "pose")`` is ``individual-v3``), plus a hash of
+    ``overrides`` (``TrainConfig`` field → value) when there are any, so labels trained
+    with other settings never share a set with the recipe's."""
+    tag = f"{kind}-{task_recipe(name, task)}"
+    if overrides:
+        blob = json.dumps(dict(overrides), sort_keys=True)
+        tag += "-" + hashlib.sha256(blob.encode()).hexdigest()[:6]
+    return tag
 
 
 def label_tags(
