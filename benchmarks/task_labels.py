@@ -77,6 +77,9 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     # masks whose IoU sits on AP's 0.5 cliff); p_w > 1 / 1.1 is p > 0.5. Training unchanged.
     "v4m": {"recipe": "v4", "mask_threshold": 1 / 1.1},
     "v4m2k": {"recipe": "v4", "mask_threshold": 1 / 1.1, "n_val": 2000},
+    # v4 with semantic maps (semantic, panoptic) from the unweighted posterior: the semantic
+    # loss weighs background 0.1 too, so the logits' argmax grows a halo round the strokes
+    "v4s": {"recipe": "v4", "unweight_semantic": True},
     # v4 trained longer (the head, trained from its seed's init, is further from converged
     # after 2 epochs than the seed-to-seed spread allows) or with a larger step
     "v4e3": {"recipe": "v4", "epochs": 3},

@@ -310,3 +310,24 @@ def test_the_mask_cut_changes_instance_masks_only_where_predict_cuts(monkeypatch
     assert all(bool((h <= lo).all()) for h, lo in zip(high, low, strict=True))  # a subset
     assert sum(int(m.sum()) for m in high) < sum(int(m.sum()) for m in low)
     assert all(torch.equal(a, b) for a, b in zip(*boxes.values(), strict=True))
+
+
+def test_unweighted_semantic_decode_undoes_the_background_weight() -> None:
+    """semantic_argmax(unweighted=True) is the argmax of the posterior the loss's background
+    weight distorts: a pixel whose digit logit beats the background by less than
+    log(1 / BACKGROUND_WEIGHT) is background again; the flag is a recipe field only when on."""
+    import torch
+
+    from aiop.tasks.train import BACKGROUND_WEIGHT, semantic_argmax
+
+    gap = math.log(1 / BACKGROUND_WEIGHT)
+    logits = torch.zeros(1, 3, 1, 3)
+    logits[0, 1, 0] = torch.tensor([0.5 * gap, 1.5 * gap, -1.0])  # digit 1 vs background 0
+    assert semantic_argmax(logits, 1).tolist() == [[[1, 1, 0]]]
+    assert semantic_argmax(logits, 1, unweighted=True).tolist() == [[[0, 1, 0]]]
+    assert semantic_argmax(logits[0], 0, unweighted=True).tolist() == [[0, 1, 0]]
+    assert torch.equal(logits[0, 0], torch.zeros(1, 3))  # the caller's logits are untouched
+    v4 = recipe_config("v4", "semantic").to_dict()
+    base = recipe_id(v4, "semantic", 64)
+    assert recipe_id({**v4, "unweight_semantic": False}, "semantic", 64) == base
+    assert recipe_id({**v4, "unweight_semantic": True}, "semantic", 64) != base

@@ -72,6 +72,8 @@ RECIPE_FIELDS: tuple[str, ...] = (
     # where an instance mask's foreground is cut (sigmoid of the mask logit); left out of the
     # id at 0.5, the cut of every label made before the setting existed
     "mask_threshold",
+    # semantic maps from the unweighted posterior; left out when off (every label before it)
+    "unweight_semantic",
 )
 
 
@@ -175,6 +177,8 @@ def recipe_fields(
         out["init"] = f"supernet:{supernet_config('ofa_mbv3').settings_key()}"
     if out["mask_threshold"] in (None, 0.5):  # v1-v4's cut: left out, so their ids stay
         del out["mask_threshold"]
+    if not out["unweight_semantic"]:  # likewise: argmax of the logits, every recipe so far
+        del out["unweight_semantic"]
     if out["resolution"] is None:
         out["resolution"] = DEFAULT_RESOLUTION[task]
     out["head_width"] = width

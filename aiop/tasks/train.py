@@ -358,11 +358,30 @@ def reference_size(keypoints: torch.Tensor, bbox: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- evaluation
+def semantic_argmax(logits: torch.Tensor, dim: int, unweighted: bool = False) -> torch.Tensor:
+    """Class map of semantic ``logits`` (classes along ``dim``, 0 = background).
+
+    The semantic loss weighs background BACKGROUND_WEIGHT, so softmax(logits) is the
+    *weighted* posterior and its argmax calls a pixel foreground already where
+    p(digit) > BACKGROUND_WEIGHT · p(background). ``unweighted`` adds log(1 /
+    BACKGROUND_WEIGHT) to the background logit first: the argmax of the unweighted posterior.
+    """
+    if unweighted:
+        logits = logits.clone()
+        logits.select(dim, 0).add_(math.log(1.0 / BACKGROUND_WEIGHT))
+    return logits.argmax(dim)
+
+
 @torch.no_grad()
 def predict(
-    model: TaskModel, loader: Iterable[tuple[torch.Tensor, Any]], *, mask_threshold: float = 0.5
+    model: TaskModel,
+    loader: Iterable[tuple[torch.Tensor, Any]],
+    *,
+    mask_threshold: float = 0.5,
+    unweight_semantic: bool = False,
 ) -> tuple[list, list]:
-    """Decoded predictions and the raw targets over a loader (eval mode)."""
+    """Decoded predictions and the raw targets over a loader (eval mode); ``unweight_semantic``:
+    semantic maps (and panoptic's) from the unweighted posterior (:func:`semantic_argmax`)."""
     task = model.task
     was_training = model.training
     model.eval()
@@ -376,7 +395,7 @@ def predict(
                 preds.append(out)
                 gts.append(torch.as_tensor(targets))
             elif task == "semantic":
-                preds.extend(out.argmax(1))
+                preds.extend(semantic_argmax(out, 1, unweight_semantic))
                 gts.extend(targets)
             elif task == "pose":
                 preds.extend(decode_keypoints(out, res))
@@ -388,7 +407,7 @@ def predict(
                         fg = torch.sigmoid(out[3][i, 0]) > mask_threshold
                         d["masks"] = instance_masks(d, fg)
                     elif task == "panoptic":
-                        d = panoptic_segments(d, out[3][i].argmax(0))
+                        d = panoptic_segments(d, semantic_argmax(out[3][i], 0, unweight_semantic))
                     preds.append(d)
                 gts.extend(targets)
     finally:
@@ -420,9 +439,15 @@ def score(task: str, preds: list, gts: list) -> dict[str, float]:
 
 
 def evaluate(
-    model: TaskModel, loader: Iterable[tuple[torch.Tensor, Any]], *, mask_threshold: float = 0.5
+    model: TaskModel,
+    loader: Iterable[tuple[torch.Tensor, Any]],
+    *,
+    mask_threshold: float = 0.5,
+    unweight_semantic: bool = False,
 ) -> dict[str, float]:
-    preds, gts = predict(model, loader, mask_threshold=mask_threshold)
+    preds, gts = predict(
+        model, loader, mask_threshold=mask_threshold, unweight_semantic=unweight_semantic
+    )
     return score(model.task, preds, gts)
 
 
@@ -455,6 +480,9 @@ class TrainConfig:
     # The mask loss weighs background BACKGROUND_WEIGHT, so the sigmoid is the weighted
     # posterior; 1 / (1 + BACKGROUND_WEIGHT) cuts the unweighted one at 0.5 (recipe v5)
     mask_threshold: float | None = None
+    # semantic maps (semantic, panoptic) from the unweighted posterior (semantic_argmax);
+    # False: the argmax of the logits, v1-v5
+    unweight_semantic: bool = False
 
     def __post_init__(self) -> None:
         check_init(self.init)
@@ -614,7 +642,9 @@ def train_task_model(
     )
     t1 = time.perf_counter()
     cut = 0.5 if cfg.mask_threshold is None else cfg.mask_threshold
-    metrics = evaluate(model, val_loader, mask_threshold=cut)
+    metrics = evaluate(
+        model, val_loader, mask_threshold=cut, unweight_semantic=cfg.unweight_semantic
+    )
     return TrainResult(
         task=task,
         metrics=metrics,
