@@ -131,6 +131,11 @@ def test_atomic_state_roundtrip(tmp_path: Path) -> None:
     assert meta == {"step": 3, "config": "bs=8"}
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert not list(tmp_path.glob("*.tmp"))
+    (tmp_path / "other.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(RetrainError, match="not a safetensors retraining checkpoint"):
+        load_state(tmp_path / "other.safetensors")
+    with pytest.raises(RetrainError, match="does not exist"):
+        load_state(tmp_path / "missing.safetensors")
 
 
 def test_resolve_predictor_fallback() -> None:

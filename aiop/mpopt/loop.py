@@ -104,6 +104,7 @@ EVIDENCE_MIN_GAIN = 1e-3
 _MEAN, _STD = 0.5, 0.5
 CHECKPOINT = "checkpoint.safetensors"
 STATE = "state.json"
+WEIGHTS_FORMAT = "aiop-retrain-weights"
 
 
 class RetrainError(ValueError):
@@ -273,23 +274,21 @@ def build_model(spec: str, resolution: int, **kwargs: Any) -> nn.Module:
 
 
 def save_state_atomic(path: Path, model: nn.Module, meta: dict[str, Any]) -> Path:
-    """Write a model's state dict as safetensors: to a temporary file, then rename."""
-    from safetensors.torch import save_file
+    """Write a model's weights and ``meta`` as one safetensors checkpoint, atomically (the
+    task package's writer, :func:`aiop.tasks.checkpoints.save_checkpoint`)."""
+    from aiop.tasks.checkpoints import save_checkpoint
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
-    os.replace(tmp, path)
-    return path
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return save_checkpoint(state, {**meta, "format": WEIGHTS_FORMAT}, path)
 
 
 def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from safetensors import safe_open
+    """(weights, meta) of a :func:`save_state_atomic` file; :class:`RetrainError` if it is
+    missing or not one."""
+    from aiop.tasks.checkpoints import load_checkpoint
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open API)
+    state, meta = load_checkpoint(path, WEIGHTS_FORMAT, "retraining", RetrainError)
+    meta.pop("format", None)
     return state, meta
 
 
