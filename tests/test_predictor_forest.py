@@ -253,3 +253,18 @@ def test_gnn_head_keeps_no_forest(family_samples, tmp_path):
     assert pred.acc_forests == {}
     loaded = Predictor.load(pred.save(tmp_path / "g.safetensors"))
     assert loaded.acc_head == "gnn" and loaded.acc_forests == {}
+
+
+def test_forest_reads_the_configuration_when_labels_depend_on_it(family_samples):
+    """Labels measured under several configurations: the trees split on the configuration
+    vector, and one graph's configurations get their own answers."""
+    rows = []
+    for s in family_samples[:10]:
+        for freeze in (0.0, 0.5):
+            cfg = MConfig.parse(f"bs=8,freeze={freeze}")
+            rows.append(Sample(s.cg, cfg, {T: s.labels[T] - 0.2 * freeze}, s.family))
+    pred = _forest_predictor(epochs=1)
+    pred.fit(rows)
+    assert pred.acc_forests[T].max_feature_used >= len(READOUT_NAMES)
+    out = pred.predict(family_samples[12].cg, ["bs=8", "bs=8,freeze=0.5"])
+    assert out[0]["accuracy"]["cls"] - out[1]["accuracy"]["cls"] > 0.05

@@ -611,19 +611,22 @@ class Predictor:
     def _forest_accuracy(
         self, cg: ComputeGraph, configs: Sequence[MConfig]
     ) -> dict[str, np.ndarray]:
-        """Each forest's prediction per configuration; one row per graph when no tree splits on
-        the configuration vector (accuracy labels measured under one configuration)."""
+        """Each forest's prediction per configuration. A forest none of whose splits reads
+        the configuration vector (accuracy labels measured under one configuration) is asked
+        once per graph."""
         if not self.acc_forests:
             return {}
-        x = self.acc_features(cg, configs)
-        width = len(READOUT_NAMES)
+        readout = block_readout(cg)
+        rows: np.ndarray | None = None
         out = {}
         for t, forest in self.acc_forests.items():
-            inner = forest.left != -1
-            if (forest.feature[inner] >= width).any():
-                out[t] = forest.predict(x)
+            if forest.max_feature_used >= len(readout):
+                if rows is None:
+                    rows = np.stack([np.concatenate([readout, c.as_vector()]) for c in configs])
+                out[t] = forest.predict(rows)
             else:
-                out[t] = np.repeat(forest.predict(x[:1]), len(configs))
+                one = np.concatenate([readout, configs[0].as_vector()])[None]
+                out[t] = np.repeat(forest.predict(one), len(configs))
         return out
 
     def calibrate(self, samples: Sequence[Sample]) -> dict[str, dict[str, float]]:

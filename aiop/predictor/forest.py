@@ -97,6 +97,12 @@ class TreeEnsemble:
     def trees(self) -> int:
         return len(self.roots)
 
+    @property
+    def max_feature_used(self) -> int:
+        """The highest feature index any split reads (-1: every tree is one leaf)."""
+        used = self.feature[self.left != LEAF]
+        return int(used.max()) if used.size else -1
+
     def predict(self, x: np.ndarray) -> np.ndarray:
         """The forest's prediction for each row of ``x`` [rows, n_features]."""
         x = np.asarray(x, dtype=np.float64)
