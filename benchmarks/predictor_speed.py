@@ -6,7 +6,10 @@ against the meta-mode profiler on the same machine, in one run.
 
 Writes ``predictor_speed.json`` and ``.md`` in ``--out`` (default
 ``benchmarks/results``). Without a predictor file it fits a tiny one on analytic
-labels (speed does not depend on the weights).
+labels (speed does not depend on the weights). ``--acc_forest`` gives that predictor an
+accuracy forest too (``acc_head="forest"``), fitted on labels that vary with the
+configuration, so its splits read the configuration vector: every configuration is a row
+of its own, the forest's slowest case. Result stem: ``predictor_speed_forest``.
 """
 
 from __future__ import annotations
@@ -33,15 +36,22 @@ from _results import write_results
 RESULTS = Path(__file__).parent / "results"
 
 
-def _predictor(path: str | None, cg) -> Predictor:
+def _predictor(path: str | None, cg, acc_forest: bool = False) -> Predictor:
     if path:
         return Predictor.load(path)
-    configs = MSpace(batch_sizes=(32,), segments=(0, 1)).sample(16, seed=0)
-    samples = [
-        Sample(cg, c, {"memory": float(estimate_memory(cg, c).peak_memory_bytes)}) for c in configs
-    ]
-    p = Predictor(spec=GNNSpec(), epochs=1, progress=False)
+    configs = MSpace(batch_sizes=(8, 32), segments=(0, 1)).sample(16, seed=0)
+    samples = []
+    for c in configs:
+        labels = {"memory": float(estimate_memory(cg, c).peak_memory_bytes)}
+        if acc_forest:  # a synthetic accuracy that moves with the configuration
+            labels["acc:cls"] = 0.9 - 0.1 * c.freeze - 0.001 * c.batch_size
+        samples.append(Sample(cg, c, labels))
+    targets = ["memory", "acc:cls"] if acc_forest else ["memory"]
+    head = "forest" if acc_forest else "gnn"
+    p = Predictor(spec=GNNSpec(), targets=targets, epochs=1, progress=False, acc_head=head)
     p.fit(samples)
+    if acc_forest and p.acc_forests["acc:cls"].max_feature_used < 0:
+        raise RuntimeError("the synthetic accuracy forest did not split")
     return p
 
 
@@ -53,10 +63,13 @@ def main() -> None:
     parser.add_argument("--profiles", type=int, default=5, help="meta-mode profiles to time")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per grid (median)")
     parser.add_argument("--out", default=str(RESULTS), help="folder of the result files")
+    parser.add_argument(
+        "--acc_forest", action="store_true", help="time a predictor with an accuracy forest"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     cg = graph_for_model(args.model)
-    predictor = _predictor(args.predictor, cg)
+    predictor = _predictor(args.predictor, cg, args.acc_forest)
     n_blocks = 17
     space = MSpace.for_model(n_blocks, batch_size=256, optimizers=("sgd", "adam", "adamw"))
     rows = []
@@ -108,7 +121,9 @@ def main() -> None:
             f"{r['predictions_per_s']:,.0f} | {r['predictions_per_cpu_s']:,.0f} | "
             f"{per_profile:.2f} s | {r['speedup']:,.0f}× |\n"
         )
-    write_results(args.out, "predictor_speed", result, md)
+    result["acc_forest"] = bool(predictor.acc_forests)
+    stem = "predictor_speed_forest" if args.acc_forest else "predictor_speed"
+    write_results(args.out, stem, result, md)
     print(md)
 
 

@@ -268,3 +268,18 @@ def test_forest_reads_the_configuration_when_labels_depend_on_it(family_samples)
     assert pred.acc_forests[T].max_feature_used >= len(READOUT_NAMES)
     out = pred.predict(family_samples[12].cg, ["bs=8", "bs=8,freeze=0.5"])
     assert out[0]["accuracy"]["cls"] - out[1]["accuracy"]["cls"] > 0.05
+
+
+def test_speed_benchmark_times_a_forest_that_reads_the_configuration():
+    from script_helpers import load_script
+
+    from aiop.models.examples import SmallCNN
+
+    bench = load_script("benchmarks/predictor_speed.py", "predictor_speed_forest")
+    model = SmallCNN(width=8)
+    cg = from_torch(model, (1, *model.input_size))
+    pred = bench._predictor(None, cg, acc_forest=True)
+    assert pred.acc_forests["acc:cls"].max_feature_used >= len(READOUT_NAMES)
+    out = pred.predict(cg, ["bs=8", "bs=32,freeze=0.5"])
+    assert out[0]["accuracy"]["cls"] > out[1]["accuracy"]["cls"]
+    assert bench._predictor(None, cg).acc_forests == {}
