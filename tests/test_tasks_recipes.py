@@ -331,3 +331,32 @@ def test_unweighted_semantic_decode_undoes_the_background_weight() -> None:
     base = recipe_id(v4, "semantic", 64)
     assert recipe_id({**v4, "unweight_semantic": False}, "semantic", 64) == base
     assert recipe_id({**v4, "unweight_semantic": True}, "semantic", 64) != base
+
+
+def test_corrupted_held_out_digits_are_a_harder_set_of_the_same_digits() -> None:
+    """eval_corruption: the held-out digits under the fifteen corruptions in turn, the same
+    labels, deterministic; refused for scene tasks and for a severity outside 1-5; a recipe
+    field only when set."""
+    import torch
+
+    from aiop.tasks.corruptions import CORRUPTIONS
+    from aiop.tasks.train import TrainConfig, make_loader
+
+    cfg = TrainConfig(resolution=32)
+    clean = make_loader("classification", "val+test", cfg, shuffle=False, n=40).dataset
+    hard = make_loader("classification", "val+test", cfg, shuffle=False, n=40, corruption=3)
+    again = make_loader("classification", "val+test", cfg, shuffle=False, n=40, corruption=3)
+    pairs = list(zip(clean, hard.dataset, again.dataset, strict=True))
+    assert len(pairs) == 40 and len(CORRUPTIONS) < 40
+    assert all(torch.equal(c[1], h[1]) for c, h, _ in pairs)  # the same digits and labels
+    assert all(torch.equal(h[0], a[0]) for _, h, a in pairs)  # deterministic
+    changed = [not torch.allclose(c[0], h[0]) for c, h, _ in pairs]
+    assert sum(changed) >= 35  # (a corruption may leave a blank corner of a digit alone)
+    with pytest.raises(ValueError, match="not 'semantic'"):
+        make_loader("semantic", "val", cfg, shuffle=False, n=4, corruption=3)
+    with pytest.raises(ValueError, match="severity 1-5"):
+        TrainConfig(eval_corruption=7)
+    v4 = recipe_config("v4", "classification").to_dict()
+    base = recipe_id(v4, "classification", 64)
+    assert recipe_id({**v4, "eval_corruption": None}, "classification", 64) == base
+    assert recipe_id({**v4, "eval_corruption": 3}, "classification", 64) != base

@@ -74,6 +74,8 @@ RECIPE_FIELDS: tuple[str, ...] = (
     "mask_threshold",
     # semantic maps from the unweighted posterior; left out when off (every label before it)
     "unweight_semantic",
+    # severity of the corruptions on the held-out digits; left out when clean
+    "eval_corruption",
 )
 
 
@@ -179,6 +181,8 @@ def recipe_fields(
         del out["mask_threshold"]
     if not out["unweight_semantic"]:  # likewise: argmax of the logits, every recipe so far
         del out["unweight_semantic"]
+    if not out["eval_corruption"]:  # likewise: clean held-out digits
+        del out["eval_corruption"]
     if out["resolution"] is None:
         out["resolution"] = DEFAULT_RESOLUTION[task]
     out["head_width"] = width

@@ -483,9 +483,14 @@ class TrainConfig:
     # semantic maps (semantic, panoptic) from the unweighted posterior (semantic_argmax);
     # False: the argmax of the logits, v1-v5
     unweight_semantic: bool = False
+    # classification measured on held-out digits under CIFAR-10-C's fifteen corruptions in
+    # turn at this severity (corrupted_digits); None: the clean digits, v1-v5
+    eval_corruption: int | None = None
 
     def __post_init__(self) -> None:
         check_init(self.init)
+        if self.eval_corruption not in (None, 0, 1, 2, 3, 4, 5):
+            raise ValueError(f"eval_corruption is a severity 1-5, got {self.eval_corruption!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -513,16 +518,44 @@ class TrainResult:
         return self.metrics[PRIMARY_METRIC[self.task]]
 
 
+def corrupted_digits(ds: Any, severity: int, seed: int, offset: int = 0) -> Any:
+    """A classification dataset whose image ``i`` carries corruption ``CORRUPTIONS[(offset +
+    i) % 15]`` (:mod:`aiop.tasks.corruptions`, CIFAR-10-C's fifteen) at ``severity``: a
+    harder held-out set, deterministic in ``seed``."""
+    from aiop.tasks.corruptions import CORRUPTIONS, corrupt
+    from aiop.tasks.data import ClassificationDataset
+
+    images = ds.images.numpy()  # (N, 1, R, R) in [0, 1]
+    out = np.empty_like(images)
+    kinds = (offset + np.arange(len(images))) % len(CORRUPTIONS)
+    for k, name in enumerate(CORRUPTIONS):
+        pick = np.flatnonzero(kinds == k)
+        if pick.size:
+            out[pick] = corrupt(images[pick], name, severity, seed=seed)
+    return ClassificationDataset(torch.from_numpy(out), ds.labels)
+
+
 def make_loader(
-    task: str, split: str, cfg: TrainConfig, *, shuffle: bool, n: int | None = None
+    task: str,
+    split: str,
+    cfg: TrainConfig,
+    *,
+    shuffle: bool,
+    n: int | None = None,
+    corruption: int | None = None,
 ) -> torch.utils.data.DataLoader:
-    """A single-process loader over :func:`aiop.tasks.data.build_dataset` (deterministic)."""
+    """A single-process loader over :func:`aiop.tasks.data.build_dataset` (deterministic);
+    ``corruption``: the severity of :func:`corrupted_digits` (classification only)."""
     from aiop.tasks.data import build_dataset, collate_fn
 
     cfg = cfg.for_task(task)
+    if corruption and task != "classification":
+        raise ValueError(f"a corrupted held-out set exists for classification, not {task!r}")
     parts = split.split("+")
     if len(parts) == 1:
         ds = build_dataset(task, split, resolution=cfg.resolution, n=n, seed=cfg.data_seed)
+        if corruption:
+            ds = corrupted_digits(ds, corruption, cfg.data_seed)
     else:  # e.g. "val+test": evaluate on more held-out items (less sampling noise)
         # n is shared out in proportion to the splits' default sizes
         sizes = [len(build_dataset(task, s, resolution=cfg.resolution, seed=cfg.data_seed))
@@ -532,12 +565,17 @@ def make_loader(
             if n is None
             else [min(sz, max(1, round(n * sz / sum(sizes)))) for sz in sizes]
         )
-        ds = torch.utils.data.ConcatDataset(
-            [
-                build_dataset(task, s, resolution=cfg.resolution, n=c, seed=cfg.data_seed)
-                for s, c in zip(parts, counts, strict=True)
+        sets = [
+            build_dataset(task, s, resolution=cfg.resolution, n=c, seed=cfg.data_seed)
+            for s, c in zip(parts, counts, strict=True)
+        ]
+        if corruption:  # the corruptions take turns across the parts as within one
+            starts = np.cumsum([0] + [len(d) for d in sets[:-1]])
+            sets = [
+                corrupted_digits(d, corruption, cfg.data_seed, int(o))
+                for d, o in zip(sets, starts, strict=True)
             ]
-        )
+        ds = torch.utils.data.ConcatDataset(sets)
     return torch.utils.data.DataLoader(
         ds,
         batch_size=cfg.batch_size,
@@ -625,7 +663,9 @@ def train_task_model(
     cfg = cfg.for_task(task)
     torch.manual_seed(cfg.seed)
     train_loader = train_loader or make_loader(task, "train", cfg, shuffle=True, n=cfg.n_train)
-    val_loader = val_loader or make_loader(task, cfg.val_split, cfg, shuffle=False, n=cfg.n_val)
+    val_loader = val_loader or make_loader(
+        task, cfg.val_split, cfg, shuffle=False, n=cfg.n_val, corruption=cfg.eval_corruption
+    )
     if not cfg.train_backbone:
         for p in [*model.stem.parameters(), *model.blocks.parameters()]:
             p.requires_grad_(False)
