@@ -572,9 +572,13 @@ class Predictor:
         return report
 
     # -- the accuracy forest ---------------------------------------------------------
-    def acc_features(self, cg: ComputeGraph, configs: Sequence[MConfig]) -> np.ndarray:
-        """``[len(configs), readout + config vector]``: what the accuracy forest reads."""
-        readout = block_readout(cg)
+    @staticmethod
+    def acc_features(
+        cg: ComputeGraph, configs: Sequence[MConfig], readout: np.ndarray | None = None
+    ) -> np.ndarray:
+        """``[len(configs), readout + config vector]``: what the accuracy forest reads
+        (``readout``: ``cg``'s :func:`block_readout`, when already computed)."""
+        readout = block_readout(cg) if readout is None else readout
         return np.stack([np.concatenate([readout, c.as_vector()]) for c in configs])
 
     def fit_acc_forest(self, samples: Sequence[Sample], extend: bool = False) -> None:
@@ -622,10 +626,10 @@ class Predictor:
         for t, forest in self.acc_forests.items():
             if forest.max_feature_used >= len(readout):
                 if rows is None:
-                    rows = np.stack([np.concatenate([readout, c.as_vector()]) for c in configs])
+                    rows = self.acc_features(cg, configs, readout)
                 out[t] = forest.predict(rows)
             else:
-                one = np.concatenate([readout, configs[0].as_vector()])[None]
+                one = self.acc_features(cg, configs[:1], readout)
                 out[t] = np.repeat(forest.predict(one), len(configs))
         return out
 
@@ -856,7 +860,13 @@ class Predictor:
     def _restore_forests(self, config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
         """Take the accuracy forests' tensors out of ``state`` (the rest is the network's)."""
         forests = (config.get("acc_head") or {}).get("forests") or {}
+        width = len(READOUT_NAMES) + len(VECTOR_NAMES)
         for t, n_features in forests.items():
+            if n_features != width:
+                raise PredictorError(
+                    f"accuracy forest {t} reads {n_features} features, this aiop gives "
+                    f"{width}: retrain it"
+                )
             prefix = f"{FOREST_PREFIX}{t}/"
             try:
                 self.acc_forests[t] = TreeEnsemble.from_tensors(state, prefix, n_features)
@@ -867,11 +877,6 @@ class Predictor:
             if x.ndim != 2 or x.shape != (len(y), n_features):
                 raise PredictorError(f"accuracy forest {t}: rows of the wrong shape {x.shape}")
             self._forest_rows[t] = (x, y)
-            if n_features != len(READOUT_NAMES) + len(VECTOR_NAMES):
-                raise PredictorError(
-                    f"accuracy forest {t} reads {n_features} features, this aiop gives "
-                    f"{len(READOUT_NAMES) + len(VECTOR_NAMES)}: retrain it"
-                )
         for key in [k for k in state if k.startswith(FOREST_PREFIX)]:
             del state[key]
 
