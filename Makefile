@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 EXTRAS := dev,service,tasks
 PYTEST_ARGS ?=
 
-.PHONY: all venv demo test test-fast lint format bench clean system-deps
+.PHONY: all venv demo test test-fast lint format bench clean system-deps task-labels
 
 all: test
 
@@ -47,6 +47,21 @@ format: venv
 
 bench: venv
 	$(PY) benchmarks/cg_speed.py
+
+# The accuracy labels the predictor learns from (data/task_labels.db, the default recipe's
+# sets): many CPU hours on one core, resumable (a rerun skips every label the store holds,
+# about a second each). Each family's supernet trains on first use (5-11 min).
+LABEL := OMP_NUM_THREADS=1 $(PY) scripts/run_train_cgs_on_task.py -cache_file data/task_labels.db
+task-labels: venv
+	$(LABEL) -family ofa_mbv3 ofa_pn -task classification -num_archs 200
+	$(LABEL) -family ofa_resnet -task classification -num_archs 30
+	$(LABEL) -family ofa_mbv3 ofa_pn -task pose -num_archs 200
+	$(LABEL) -family ofa_resnet -task pose -num_archs 100
+	$(LABEL) -family ofa_mbv3 -task semantic -num_archs 100
+	$(LABEL) -family ofa_pn ofa_resnet -task semantic -num_archs 30
+	$(LABEL) -family ofa_mbv3 -task detection -num_archs 150
+	$(LABEL) -family ofa_pn ofa_resnet -task detection -num_archs 30
+	$(LABEL) -family ofa_mbv3 ofa_pn ofa_resnet -task panoptic instance -num_archs 30
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
