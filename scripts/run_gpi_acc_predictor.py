@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="gnn",
         choices=["gnn", "forest"],
         help="what answers accuracy targets: the network's heads (AIO-P) or a tree ensemble "
-        "on the graph's block readout",
+        "on the graph's block readout (it ranks a family from labelled architectures of that "
+        "family, -fine_tune_joint; zero-shot it does not transfer)",
     )
     p.add_argument("-forest_kind", default="extra", choices=["extra", "random"])
     p.add_argument("-forest_trees", type=int, default=200, help="trees of -acc_head forest")
