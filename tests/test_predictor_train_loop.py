@@ -151,3 +151,29 @@ def test_positional_encoding_round_trips_and_defaults_off(samples, tmp_path):
     assert again.spec.pos_enc == 2
     cg = samples[0].cg
     assert again.predict(cg, [MConfig()]) == pred.predict(cg, [MConfig()])
+
+
+def test_build_is_fit_without_training():
+    """``build`` gives the network ``fit`` starts from (same seed, same initial weights) and
+    the normalisers ``fit`` fits, and trains nothing."""
+    import torch
+
+    from aiop.cg import from_torch
+    from aiop.mconfig import MConfig
+    from aiop.models.examples import SmallCNN
+    from aiop.predictor.api import Predictor, Sample
+    from aiop.predictor.model import GNNSpec
+
+    cg = from_torch(SmallCNN(width=8), (1, *SmallCNN().input_size))
+    samples = [Sample(cg, MConfig.parse(f"bs={b}"), {"acc:cls": 0.5 + b / 100}) for b in (4, 8)]
+
+    def make() -> Predictor:
+        spec = GNNSpec(conv="graphconv", layers=1, hidden=4, head_hidden=4)
+        return Predictor(spec=spec, targets=["acc:cls"], epochs=0, progress=False)
+
+    built, fitted = make(), make()
+    built.build(samples)
+    fitted.fit(samples)
+    assert built.normalizers["acc:cls"].to_dict() == fitted.normalizers["acc:cls"].to_dict()
+    for (name, a), b in zip(built.model.state_dict().items(), fitted.model.state_dict().values()):
+        assert torch.equal(a, b), name

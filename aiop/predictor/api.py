@@ -545,28 +545,42 @@ class Predictor:
             desc=desc,
         )
 
-    def fit(self, samples: Sequence[Sample], finetune: bool = False) -> FitReport:
-        """Train on ``samples`` (or fine-tune an already fitted predictor)."""
+    def build(self, samples: Sequence[Sample]) -> None:
+        """A fresh, untrained network for the targets ``samples`` label, with the latency model
+        and every target's normaliser fitted on them. :meth:`fit` is ``build`` and then the
+        training; a custom training loop (``fit_predictor``'s ranking loss) starts here."""
+        self._build(samples)
+        self._tensors(samples)  # fits the normalisers
+
+    def _build(self, samples: Sequence[Sample]) -> None:
         if not samples:
             raise PredictorError("no samples to fit on")
         # seeded here, not by the loop: the initial weights and the training share one stream
         torch.manual_seed(self.seed)
+        targets = [t for t in self.targets if any(t in s.labels for s in samples)]
+        if not targets:
+            raise PredictorError(f"no sample has any of the targets {self.targets}")
+        self.targets = targets
+        self.latency_model = None
+        if self.analytic and "latency" in targets:
+            self.fit_latency_model(samples)
+        spec = self.spec or GNNSpec()
+        spec.targets = list(self.targets)
+        spec.config_dim = len(VECTOR_NAMES)
+        spec.analytic_dim = len(ANALYTIC_NAMES) if self.analytic else 0
+        self.spec = spec
+        self.model = PerformanceGNN(spec)
+        self.normalizers = {}
+
+    def fit(self, samples: Sequence[Sample], finetune: bool = False) -> FitReport:
+        """Train on ``samples`` (or fine-tune an already fitted predictor)."""
+        if not samples:
+            raise PredictorError("no samples to fit on")
         fresh = not finetune or self.model is None
         if fresh:
-            targets = [t for t in self.targets if any(t in s.labels for s in samples)]
-            if not targets:
-                raise PredictorError(f"no sample has any of the targets {self.targets}")
-            self.targets = targets
-            self.latency_model = None
-            if self.analytic and "latency" in targets:
-                self.fit_latency_model(samples)
-            spec = self.spec or GNNSpec()
-            spec.targets = list(self.targets)
-            spec.config_dim = len(VECTOR_NAMES)
-            spec.analytic_dim = len(ANALYTIC_NAMES) if self.analytic else 0
-            self.spec = spec
-            self.model = PerformanceGNN(spec)
-            self.normalizers = {}
+            self._build(samples)  # the normalisers are fitted by the first epoch's tensors
+        else:
+            torch.manual_seed(self.seed)
         report = self._train_epochs(samples, self.epochs, seed_torch=False)
         self.fit_acc_forest(samples, extend=not fresh)
         return report

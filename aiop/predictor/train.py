@@ -859,12 +859,8 @@ def fit_predictor(
     family = acc_norm == "family" and bool(accs)
     z, stats = standardize_families(samples, accs) if family else (list(samples), {})
     if rank_weight > 0 and accs:
+        pred.build(z)
         epochs = pred.epochs
-        pred.epochs = 0  # builds the network and fits the normalisers, trains nothing
-        try:
-            pred.fit(z)
-        finally:
-            pred.epochs = epochs
         losses = _finetune_loop(
             pred, z, epochs, epochs, "all", rank_weight, pred.seed, groups=[s.family for s in z]
         )
