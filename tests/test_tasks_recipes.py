@@ -67,6 +67,12 @@ PINNED_IDS = {
         "instance": "3169b66e",
         "pose": "eb171a1d",
     },
+    "v6": {
+        "classification": "f9bc56bb",
+        "scene": "ee572d45",
+        "instance": "3169b66e",
+        "pose": "eb171a1d",
+    },
 }
 
 
@@ -360,3 +366,11 @@ def test_corrupted_held_out_digits_are_a_harder_set_of_the_same_digits() -> None
     base = recipe_id(v4, "classification", 64)
     assert recipe_id({**v4, "eval_corruption": None}, "classification", 64) == base
     assert recipe_id({**v4, "eval_corruption": 3}, "classification", 64) != base
+
+
+def test_v6_moves_only_classification_onto_corrupted_digits() -> None:
+    assert recipe_config("v6", "classification").eval_corruption == 4
+    assert label_tag("v6", "classification") == "individual-v6"
+    for task in ("detection", "semantic", "panoptic", "pose"):
+        assert label_tag("v6", task) == "individual-v4"
+    assert label_tag("v6", "instance") == "individual-v5"
