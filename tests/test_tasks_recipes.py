@@ -98,6 +98,16 @@ def test_a_mask_threshold_is_a_new_recipe_only_where_it_moves_the_cut() -> None:
     assert moved != recipe_id({**v4, "mask_threshold": 0.8}, "instance", 64)
 
 
+def test_the_mask_cut_has_one_default_and_must_be_a_probability() -> None:
+    """A stored config from before the field (None) reads as the 0.5 cut it was trained with;
+    a cut outside (0, 1) would keep every pixel or none, so the config refuses it."""
+    assert TrainConfig().mask_threshold == 0.5
+    assert TrainConfig(mask_threshold=None).mask_threshold == 0.5  # type: ignore[arg-type]
+    for bad in (0.0, 1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="mask_threshold"):
+            TrainConfig(mask_threshold=bad)
+
+
 def test_v3_changes_pose_only_and_shares_v2s_label_sets() -> None:
     """v3 trains pose on 500 figures; every other task exactly as v2, so its labels join
     v2's sets (and pass their one-recipe check), while pose gets a set of its own."""

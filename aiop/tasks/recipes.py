@@ -197,7 +197,8 @@ def recipe_fields(
         from aiop.tasks.supernet import supernet_config
 
         out["init"] = f"supernet:{supernet_config('ofa_mbv3').settings_key()}"
-    if out["mask_threshold"] in (None, 0.5):  # v1-v4's cut: left out, so their ids stay
+    # v1-v4's cut (None in dicts stored before the field existed): left out, so ids stay
+    if out["mask_threshold"] in (None, 0.5):
         del out["mask_threshold"]
     if not out["unweight_semantic"]:  # likewise: argmax of the logits, every recipe so far
         del out["unweight_semantic"]

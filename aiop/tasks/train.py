@@ -476,10 +476,11 @@ class TrainConfig:
     # where the backbone starts: "scratch" (random weights from the seed) or "supernet" (its
     # slice of the family's weight-sharing supernet, aiop.tasks.supernet; OFA/AIO-P's way)
     init: str = "scratch"
-    # where instance masks are cut: sigmoid(mask logit) > mask_threshold (None: 0.5, v1-v4).
-    # The mask loss weighs background BACKGROUND_WEIGHT, so the sigmoid is the weighted
-    # posterior; 1 / (1 + BACKGROUND_WEIGHT) cuts the unweighted one at 0.5 (recipe v5)
-    mask_threshold: float | None = None
+    # where instance masks are cut: sigmoid(mask logit) > mask_threshold (0.5: v1-v4; None,
+    # as configs stored before the field existed say, reads as 0.5). The mask loss weighs
+    # background BACKGROUND_WEIGHT, so the sigmoid is the weighted posterior;
+    # 1 / (1 + BACKGROUND_WEIGHT) cuts the unweighted one at 0.5 (recipe v5)
+    mask_threshold: float = 0.5
     # semantic maps (semantic, panoptic) from the unweighted posterior (semantic_argmax);
     # False: the argmax of the logits, v1-v5. Unlike instance masks, semantic labels do not
     # gain: ICC(1) 0.76 -> 0.40 on 12 ofa_mbv3 x 2 seeds (task_label_noise_v4s.md)
@@ -490,6 +491,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_init(self.init)
+        if self.mask_threshold is None:
+            self.mask_threshold = 0.5
+        if not 0.0 < self.mask_threshold < 1.0:
+            raise ValueError(
+                f"mask_threshold is a probability in (0, 1), got {self.mask_threshold!r}"
+            )
         if self.eval_corruption not in (None, 0, 1, 2, 3, 4, 5):
             raise ValueError(f"eval_corruption is a severity 1-5, got {self.eval_corruption!r}")
 
@@ -682,9 +689,11 @@ def train_task_model(
         deadline=deadline,
     )
     t1 = time.perf_counter()
-    cut = 0.5 if cfg.mask_threshold is None else cfg.mask_threshold
     metrics = evaluate(
-        model, val_loader, mask_threshold=cut, unweight_semantic=cfg.unweight_semantic
+        model,
+        val_loader,
+        mask_threshold=cfg.mask_threshold,
+        unweight_semantic=cfg.unweight_semantic,
     )
     return TrainResult(
         task=task,
