@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--store", default="data/task_labels.db")
     p.add_argument("--task", default="classification")
-    p.add_argument("--acc_mode", default=None, help="label set (default: the task's v4 set)")
+    p.add_argument("--acc_mode", default=None, help="label set (default: the default recipe's)")
     p.add_argument("--families", nargs="+", required=True, help="families to hold out in turn")
     p.add_argument("--n_max", type=int, default=150, help="size of the labelled pool of T")
     p.add_argument("--ns", type=int, nargs="+", default=[0, 20, 50, 100, 150])

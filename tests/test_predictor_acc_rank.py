@@ -427,3 +427,22 @@ def test_joint_benchmark_bad_input(store_path, tmp_path, capsys):
     assert bench.main([*base, "--families", "res", "--n_max", "4", "--ns", "5"]) == 2
     assert "--ns 5" in capsys.readouterr().err
     assert bench.main(["--store", str(tmp_path / "none.db"), "--families", "res"]) == 2
+
+
+def test_readout_regressors_benchmark(store_path, tmp_path, capsys):
+    bench = load_script("benchmarks/acc_readout_regressors.py", "acc_readout_regressors")
+    base = ["--store", str(store_path), "--task", "cls", "--acc_mode", "any"]
+    argv = [*base, "--family", "res", "--n", "3", "--split_seeds", "0", "1"]
+    assert bench.main([*argv, "--out", str(tmp_path), "--name", "r"]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["test_sizes"] == [3, 3]
+    assert set(result["srcc"]) == {
+        "forest (extra, the default)", "forest (random)", "gradient boosting", "ridge"
+    }  # fmt: skip
+    assert all(len(v) == 2 for v in result["srcc"].values())
+    assert "| ridge |" in (tmp_path / "r.md").read_text()
+    capsys.readouterr()
+    assert bench.main([*base, "--family", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown family 'nope'" in capsys.readouterr().err
+    assert bench.main(["--store", str(tmp_path / "none.db"), "--family", "res"]) == 2
+    assert "no store" in capsys.readouterr().err

@@ -1,0 +1,153 @@
+"""Is the forest the limit? Other regressors on the block readout, over several test splits.
+
+Fits, for one task and family, each regressor on the ``n`` labelled architectures of the
+family's pool alone (``split_by_family(samples, 'FAMILY#n', split_seed)``) and scores its
+SRCC on the held-out rest, for every split seed in ``--split_seeds``; the spread over
+splits is the test set's own noise, which one split hides. Regressors: the predictor's
+forests (:class:`aiop.predictor.forest.TreeEnsemble`, extra / random), scikit-learn's
+gradient boosting and a standardised ridge (its alpha by leave-one-out). A question the
+accuracy forest raised, not a product path: the predictor ships only the forests::
+
+    OMP_NUM_THREADS=1 python benchmarks/acc_readout_regressors.py --task classification \\
+        --acc_mode classification=individual-v6 --family ofa_mbv3 --n 150 \\
+        --out benchmarks/results/acc_predictor_v5_forest --name readout_regressors_v6_mbv3
+
+Writes ``NAME.json`` and ``NAME.md`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _results import write_results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--store", default="data/task_labels.db")
+    p.add_argument("--task", default="classification")
+    p.add_argument("--acc_mode", default=None, help="label set (default: the task's default set)")
+    p.add_argument("--family", required=True)
+    p.add_argument("--n", type=int, default=150, help="labelled pool of the family")
+    p.add_argument("--split_seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    p.add_argument("--out", default="benchmarks/results/acc_predictor_v5_forest")
+    p.add_argument("--name", default=None, help="result stem (default: readout_regressors_TASK)")
+    return p
+
+
+def regressors() -> dict[str, Callable[[np.ndarray, np.ndarray], Callable[[np.ndarray], Any]]]:
+    """Each regressor as fit(x, y) -> predict."""
+    from sklearn.ensemble import GradientBoostingRegressor
+    from sklearn.linear_model import RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from aiop.predictor.forest import TreeEnsemble
+
+    def forest(kind: str):
+        return lambda x, y: TreeEnsemble.fit(x, y, kind=kind, trees=200).predict
+
+    def gbm(x, y):
+        m = GradientBoostingRegressor(
+            n_estimators=300, max_depth=3, learning_rate=0.03, subsample=0.8, random_state=0
+        )
+        return m.fit(x, y).predict
+
+    def ridge(x, y):
+        m = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 25)))
+        return m.fit(x, y).predict
+
+    return {
+        "forest (extra, the default)": forest("extra"),
+        "forest (random)": forest("random"),
+        "gradient boosting": gbm,
+        "ridge": ridge,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from scipy.stats import spearmanr
+
+    from aiop.predictor.blocks import block_readout
+    from aiop.predictor.train import (
+        ACC_MODE,
+        AccModeError,
+        load_samples,
+        parse_acc_mode,
+        split_by_family,
+    )
+
+    target = f"acc:{args.task}"
+    try:
+        acc_mode = ACC_MODE if args.acc_mode is None else parse_acc_mode(args.acc_mode)
+    except AccModeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not Path(args.store).is_file():
+        print(f"error: no store at {args.store}", file=sys.stderr)
+        return 2
+    samples = load_samples(args.store, [target], acc_mode=acc_mode)
+    readout = {id(s.cg): block_readout(s.cg) for s in samples}
+    models = regressors()
+    scores: dict[str, list[float]] = {k: [] for k in models}
+    sizes: list[int] = []
+    for seed in args.split_seeds:
+        try:
+            split = split_by_family(samples, f"{args.family}#{args.n}", seed)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        pool, test = split.finetune[args.family], split.test[args.family]
+        if len(pool) < 2 or len(test) < 3:
+            print(f"error: {args.family}: {len(pool)} pool / {len(test)} test", file=sys.stderr)
+            return 2
+        x = np.array([readout[id(s.cg)] for s in pool])
+        xt = np.array([readout[id(s.cg)] for s in test])
+        keep = x.std(axis=0) > 0  # constant columns carry nothing and upset the scaler
+        y = np.array([s.labels[target] for s in pool])
+        yt = np.array([s.labels[target] for s in test])
+        sizes.append(len(test))
+        for name, fit in models.items():
+            pred = fit(x[:, keep], y)(xt[:, keep])
+            scores[name].append(float(spearmanr(pred, yt)[0]))
+    result = {
+        "args": vars(args),
+        "test_sizes": sizes,
+        "srcc": scores,
+        "mean": {k: float(np.mean(v)) for k, v in scores.items()},
+        "std": {k: float(np.std(v)) for k, v in scores.items()},
+    }
+    cmd = "python benchmarks/acc_readout_regressors.py " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
+    lines = [
+        f"# Regressors on the block readout: {args.task}, {args.family}, family only n = {args.n}",
+        "",
+        f"Command: `{cmd}`",
+        "",
+        f"SRCC on the held-out architectures ({sizes[0]} per split) for split seeds "
+        f"{', '.join(map(str, args.split_seeds))}; mean ± std over the splits.",
+        "",
+        "| regressor | SRCC mean ± std | per split |",
+        "|---|---|---|",
+    ]
+    for k, v in scores.items():
+        per = " / ".join(f"{x:.3f}" for x in v)
+        lines.append(f"| {k} | {np.mean(v):.3f} ± {np.std(v):.3f} | {per} |")
+    name = args.name or f"readout_regressors_{args.task}"
+    write_results(args.out, name, result, "\n".join(lines) + "\n")
+    print("\n".join(lines[-len(scores) :]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
