@@ -1,7 +1,8 @@
 """Is the forest the limit? Other regressors on the block readout, over several test splits.
 
 Fits, for one task and family, each regressor on the ``n`` labelled architectures of the
-family's pool alone (``split_by_family(samples, 'FAMILY#n', split_seed)``) and scores its
+family's pool alone (``split_by_family(samples, 'FAMILY#n', split_seed)``; with ``--joint``
+on the other families' architectures as well, as the predictor does) and scores its
 SRCC on the held-out rest, for every split seed in ``--split_seeds``; the spread over
 splits is the test set's own noise, which one split hides. Regressors: the predictor's
 forests (:class:`aiop.predictor.forest.TreeEnsemble`, extra / random), scikit-learn's
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", required=True)
     p.add_argument("--n", type=int, default=150, help="labelled pool of the family")
     p.add_argument("--split_seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    p.add_argument("--joint", action="store_true", help="train on the other families too")
     p.add_argument("--out", default="benchmarks/results/acc_predictor_v5_forest")
     p.add_argument("--name", default=None, help="result stem (default: readout_regressors_TASK)")
     return p
@@ -110,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         if len(pool) < 2 or len(test) < 3:
             print(f"error: {args.family}: {len(pool)} pool / {len(test)} test", file=sys.stderr)
             return 2
+        if args.joint:
+            pool = [*split.train, *pool]
         x = np.array([readout[id(s.cg)] for s in pool])
         xt = np.array([readout[id(s.cg)] for s in test])
         keep = x.std(axis=0) > 0  # constant columns carry nothing and upset the scaler
@@ -130,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv[1:] if argv is None else argv
     )
     lines = [
-        f"# Regressors on the block readout: {args.task}, {args.family}, family only n = {args.n}",
+        f"# Regressors on the block readout: {args.task}, {args.family}, "
+        f"{'joint' if args.joint else 'family only'} n = {args.n}",
         "",
         f"Command: `{cmd}`",
         "",

@@ -441,6 +441,8 @@ def test_readout_regressors_benchmark(store_path, tmp_path, capsys):
     }  # fmt: skip
     assert all(len(v) == 2 for v in result["srcc"].values())
     assert "| ridge |" in (tmp_path / "r.md").read_text()
+    assert bench.main([*argv, "--joint", "--out", str(tmp_path), "--name", "j"]) == 0
+    assert "joint n = 3" in (tmp_path / "j.md").read_text()
     capsys.readouterr()
     assert bench.main([*base, "--family", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown family 'nope'" in capsys.readouterr().err
