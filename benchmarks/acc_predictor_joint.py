@@ -46,6 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import write_results
 
+from aiop.predictor.forest import DEFAULT_FOREST_KIND, FOREST_KINDS
+
 TARGET_SRCC = 0.8  # issue #5: SRCC within a family on held-out architectures
 # how tables and plots name a variant (the runs file keeps the short key)
 SHOWN = {"forest": "arch-encoding forest (reference)"}
@@ -68,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pos_enc", type=int, default=0, help="GNNSpec.pos_enc (node positions)")
     p.add_argument("--acc_norm", default="global", choices=["global", "family"])
     p.add_argument("--acc_head", default="gnn", choices=["gnn", "forest"])
-    p.add_argument("--forest_kind", default="extra", choices=["extra", "random"])
+    p.add_argument("--forest_kind", default=DEFAULT_FOREST_KIND, choices=FOREST_KINDS)
     p.add_argument("--forest_trees", type=int, default=200)
     p.add_argument("--no_family_only", action="store_true", help="skip the T-only curve")
     p.add_argument("--no_forest", action="store_true", help="skip the random-forest reference")

@@ -68,8 +68,8 @@ def regressors() -> dict[str, Callable[[np.ndarray, np.ndarray], Callable[[np.nd
         return m.fit(x, y).predict
 
     return {
-        "forest (extra, the default)": forest("extra"),
-        "forest (random)": forest("random"),
+        "forest (extra)": forest("extra"),
+        "forest (random, the default)": forest("random"),
         "gradient boosting": gbm,
         "ridge": ridge,
     }

@@ -56,6 +56,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from aiop.predictor.forest import DEFAULT_FOREST_KIND, FOREST_KINDS
 from aiop.predictor.train import (
     ACC_MODE,
     ACC_NORMS,
@@ -187,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         "on the graph's block readout (it ranks a family from labelled architectures of that "
         "family, -fine_tune_joint; zero-shot it does not transfer)",
     )
-    p.add_argument("-forest_kind", default="extra", choices=["extra", "random"])
+    p.add_argument("-forest_kind", default=DEFAULT_FOREST_KIND, choices=FOREST_KINDS)
     p.add_argument("-forest_trees", type=int, default=200, help="trees of -acc_head forest")
     p.add_argument("-num_seeds", type=int, default=2)
     p.add_argument("-seed", type=int, default=0, help="first training seed")

@@ -53,7 +53,7 @@ from aiop.mconfig.config import VECTOR_NAMES
 from aiop.predictor.analytic import PlanCache, estimate_memory, structural_key
 from aiop.predictor.blocks import READOUT_NAMES, READOUT_VERSION, block_readout
 from aiop.predictor.features import ANALYTIC_NAMES, GraphFeaturizer, analytic_features
-from aiop.predictor.forest import FOREST_KINDS, ForestError, TreeEnsemble
+from aiop.predictor.forest import DEFAULT_FOREST_KIND, FOREST_KINDS, ForestError, TreeEnsemble
 from aiop.predictor.kernels import DEFAULT_KERNEL_MODEL, KernelModel, KernelModelError
 from aiop.predictor.latency import (
     HALF_PRECISIONS,
@@ -273,7 +273,7 @@ class Predictor:
         latency_kind: str = "kernels",
         kernel_model: KernelModel | str | Path | None = None,
         acc_head: str = "gnn",
-        forest_kind: str = "extra",
+        forest_kind: str = DEFAULT_FOREST_KIND,
         forest_trees: int = 200,
     ) -> None:
         self.spec = spec
