@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from aiop.predictor.train import (
         ACC_MODE,
         AccModeError,
+        acc_tags,
         load_samples,
         parse_acc_mode,
         split_by_family,
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             scores[name].append(float(spearmanr(pred, yt)[0]))
     result = {
         "args": vars(args),
+        "acc_tags": acc_tags(acc_mode, [args.task]),
         "test_sizes": sizes,
         "srcc": scores,
         "mean": {k: float(np.mean(v)) for k, v in scores.items()},

@@ -441,6 +441,7 @@ def test_readout_regressors_benchmark(store_path, tmp_path, capsys):
     assert bench.main([*argv, "--out", str(tmp_path), "--name", "r"]) == 0
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["test_sizes"] == [3, 3]
+    assert result["acc_tags"] == {"cls": "any"}
     assert set(result["srcc"]) == {
         "forest (extra)", "forest (random, the default)", "gradient boosting", "ridge"
     }  # fmt: skip
