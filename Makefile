@@ -58,8 +58,9 @@ task-labels: venv
 	$(LABEL) -family ofa_resnet -task pose -num_archs 100
 	$(LABEL) -family ofa_mbv3 -task semantic -num_archs 200
 	$(LABEL) -family ofa_pn ofa_resnet -task semantic -num_archs 30
-	$(LABEL) -family ofa_mbv3 -task detection -num_archs 150
+	$(LABEL) -family ofa_mbv3 -task detection -num_archs 200
 	$(LABEL) -family ofa_pn ofa_resnet -task detection -num_archs 30
+	$(LABEL) -family ofa_mbv3 -task panoptic -num_archs 100
 	$(LABEL) -family ofa_mbv3 ofa_pn ofa_resnet -task panoptic instance -num_archs 30
 
 clean:
