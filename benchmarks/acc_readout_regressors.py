@@ -75,6 +75,12 @@ def regressors() -> dict[str, Callable[[np.ndarray, np.ndarray], Callable[[np.nd
     }
 
 
+def _nan_stat(stat: Callable[[Any], Any], values: list[float]) -> float:
+    """``stat`` over the splits that ranked (NaN: a constant prediction), NaN if none did."""
+    ranked = [v for v in values if v == v]
+    return float(stat(ranked)) if ranked else float("nan")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from scipy.stats import spearmanr
@@ -123,14 +129,16 @@ def main(argv: list[str] | None = None) -> int:
         sizes.append(len(test))
         for name, fit in models.items():
             pred = fit(x[:, keep], y)(xt[:, keep])
-            scores[name].append(float(spearmanr(pred, yt)[0]))
+            # a constant prediction ranks nothing: NaN, left out of the mean and said in the table
+            flat = bool(np.ptp(pred) == 0)
+            scores[name].append(float("nan") if flat else float(spearmanr(pred, yt)[0]))
     result = {
         "args": vars(args),
         "acc_tags": acc_tags(acc_mode, [args.task]),
         "test_sizes": sizes,
         "srcc": scores,
-        "mean": {k: float(np.mean(v)) for k, v in scores.items()},
-        "std": {k: float(np.std(v)) for k, v in scores.items()},
+        "mean": {k: _nan_stat(np.nanmean, v) for k, v in scores.items()},
+        "std": {k: _nan_stat(np.nanstd, v) for k, v in scores.items()},
     }
     cmd = "python benchmarks/acc_readout_regressors.py " + " ".join(
         sys.argv[1:] if argv is None else argv
@@ -142,14 +150,16 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `{cmd}`",
         "",
         f"SRCC on the held-out architectures ({sizes[0]} per split) for split seeds "
-        f"{', '.join(map(str, args.split_seeds))}; mean ± std over the splits.",
+        f"{', '.join(map(str, args.split_seeds))}; mean ± std over the splits (nan: a "
+        "constant prediction, left out of the mean).",
         "",
         "| regressor | SRCC mean ± std | per split |",
         "|---|---|---|",
     ]
     for k, v in scores.items():
         per = " / ".join(f"{x:.3f}" for x in v)
-        lines.append(f"| {k} | {np.mean(v):.3f} ± {np.std(v):.3f} | {per} |")
+        mean, std = result["mean"][k], result["std"][k]
+        lines.append(f"| {k} | {mean:.3f} ± {std:.3f} | {per} |")
     name = args.name or f"readout_regressors_{args.task}"
     write_results(args.out, name, result, "\n".join(lines) + "\n")
     print("\n".join(lines[-len(scores) :]))
