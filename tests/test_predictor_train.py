@@ -155,6 +155,12 @@ def test_split_deterministic_and_disjoint(samples):
         split_by_family(samples, "res", train_families=["res", "cnn"])
     folds = dict(leave_one_family_out(samples))
     assert set(folds) == {"cnn", "res"} and not folds["cnn"].finetune["cnn"]
+    # one family alone: its own pool and test set, if asked for; the same pool as with others
+    res = [s for s in samples if s.family == "res"]
+    with pytest.raises(SplitError, match="no family is left"):
+        split_by_family(res, "res#1")
+    alone = split_by_family(res, "res#1", require_train=False)
+    assert not alone.train and alone.finetune_graphs == a.finetune_graphs
 
 
 # -- predictors ----------------------------------------------------------------------------------
@@ -353,6 +359,41 @@ def test_accuracy_labels_come_from_one_label_set(tmp_path):
     every = acc(None)
     assert acc("any") == every and acc({"*": "any"}) == every
     assert every["classification"] in (0.40, 0.55, 0.65, 0.70, 0.90)
+
+
+def test_replicate_sets_are_averaged(tmp_path):
+    """``A+B`` is the mean of two seed replicates of one recipe, over the architectures both
+    labelled; sets of different recipes are refused, naming them."""
+    path = tmp_path / "rep.db"
+    fps = []
+    with Store(path) as store:
+        store.put_task("classification", metric="acc")
+        for width in (4, 8, 12):
+            model = SmallCNN(width=width)
+            cg = from_torch(model, (1, *model.input_size), name=f"cnn{width}")
+            fps.append(store.put_graph(cg, meta={"family": "cnn"}))
+        recipe = {"recipe": "r1"}
+        for fp, a, b in zip(fps, (0.50, 0.60, 0.70), (0.54, 0.58, None), strict=True):
+            store.put_label(fp, "", "acc", a, task="classification", mode="s0", extra=recipe)
+            store.put_label(fp, "", "top5", a + 0.2, task="classification", mode="s0")
+            if b is not None:
+                store.put_label(fp, "", "acc", b, task="classification", mode="s1", extra=recipe)
+        store.put_label(
+            fps[0], "", "acc", 0.9, task="classification", mode="v", extra={"recipe": "r2"}
+        )
+
+    def acc(mode):
+        got = load_samples(path, ["acc:classification"], acc_mode=parse_acc_mode(mode))
+        return sorted(round(s.labels["acc:classification"], 6) for s in got)
+
+    assert acc("classification=s0") == [0.5, 0.6, 0.7]
+    assert acc("classification=s0+s1") == [0.52, 0.59]  # cnn12 has no s1 label: left out
+    assert acc("classification=s1+s0") == [0.52, 0.59]
+    with pytest.raises(AccModeError, match=r"different recipes.*s0 \(r1\).*v \(r2\)"):
+        load_samples(path, ["acc:classification"], acc_mode=parse_acc_mode("classification=s0+v"))
+    for bad in ("classification=s0+", "classification=s0+s0", "s0+any", "classification=+s1"):
+        with pytest.raises(AccModeError, match="distinct tags"):
+            parse_acc_mode(bad)
 
 
 def test_parse_acc_mode():

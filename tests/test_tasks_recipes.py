@@ -231,6 +231,8 @@ def test_label_archs_needs_a_tag_for_every_task(tmp_path: Path) -> None:
         )  # fmt: skip
     with pytest.raises(ValueError, match="non-empty one-line"):
         label_archs(db, ["family:ofa_pn:0"], ["pose"], TINY, tag={"pose": ""}, progress=False)
+    with pytest.raises(ValueError, match="joins label sets"):  # -acc_mode's A+B
+        label_archs(db, ["family:ofa_pn:0"], ["pose"], TINY, tag="a+b", progress=False)
     assert not db.exists() or not inventory(db)
 
 

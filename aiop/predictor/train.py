@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 # ACC_MODE set; "any" as a tag means every set of that task).
 AccMode = str | Mapping[str, str] | None
 ANY_TASK = "*"
+# joins seed replicates of one recipe in a tag (``individual-v6+replicate-s1``): their mean
+REPLICATE_JOIN = "+"
 
 
 def default_acc_mode() -> dict[str, str]:
@@ -106,10 +108,12 @@ def parse_acc_mode(items: str | Sequence[str]) -> AccMode:
     task: the str), or ``TASK=TAG`` pairs (space- or comma-separated: a mapping, whose tasks'
     sets replace their :data:`ACC_MODE` ones); a bare ``TAG`` among pairs replaces every other
     task's set as well (``individual pose=individual-v3``). ``TASK=any`` takes every set of
-    that task."""
+    that task. ``A+B`` in place of a tag is the mean of sets ``A`` and ``B``, seed replicates
+    of one recipe (``classification=individual-v6+replicate-v6-seed1``), over the
+    architectures both labelled."""
     given = [items] if isinstance(items, str) else list(items)
     tokens = [t.strip() for item in given for t in item.split(",") if t.strip()]
-    usage = "expected any, TAG, or TASK=TAG[,TASK=TAG...]"
+    usage = "expected any, TAG, or TASK=TAG[,TASK=TAG...] (TAG may be A+B: their mean)"
     if not tokens:
         raise AccModeError(f"-acc_mode is empty; {usage}")
     bare = [t for t in tokens if "=" not in t]
@@ -128,6 +132,12 @@ def parse_acc_mode(items: str | Sequence[str]) -> AccMode:
     for name in [*bare, *pairs, *pairs.values()]:
         if name != ANY_TASK and not _ACC_NAME.match(name):
             raise AccModeError(f"-acc_mode: bad task or tag {name!r}; {usage}")
+    for name in [*bare, *pairs.values()]:
+        parts = name.split(REPLICATE_JOIN)
+        if len(parts) > 1 and (
+            not all(parts) or ANY_TASK in parts or "any" in parts or len(set(parts)) < len(parts)
+        ):
+            raise AccModeError(f"-acc_mode: {name!r} must join distinct tags, A+B; {usage}")
     if not pairs:
         return None if bare[0] == "any" else bare[0]
     return {ANY_TASK: bare[0], **pairs} if bare else pairs
@@ -146,6 +156,35 @@ def format_acc_mode(acc_mode: AccMode) -> str:
 
 
 # -- loading ------------------------------------------------------------------------------------
+def _mean_of_replicates(
+    replicates: Mapping[tuple[str, str], Mapping[str, Mapping[str, float]]],
+    recipes: Mapping[str, Mapping[str, str]],
+    tag_of: Mapping[str, str | None],
+) -> dict[tuple[str, str], dict[str, float]]:
+    """Each (graph, task) of an ``A+B`` label set: every metric averaged over the sets, for
+    the architectures every set labelled (a mean over fewer seeds would be a noisier label
+    of the same name). Sets of different recipes measure different things: refused."""
+    for task, by_recipe in recipes.items():
+        if len(by_recipe) > 1:
+            made = ", ".join(f"{tag} ({rid})" for rid, tag in sorted(by_recipe.items()))
+            raise AccModeError(
+                f"-acc_mode {task}={tag_of[task]} averages label sets of different recipes "
+                f"({made}); only seed replicates of one recipe can be averaged"
+            )
+    out: dict[tuple[str, str], dict[str, float]] = {}
+    dropped: dict[str, int] = {}
+    for (graph, task), by_tag in replicates.items():
+        wanted = str(tag_of[task]).split(REPLICATE_JOIN)
+        if any(t not in by_tag for t in wanted):
+            dropped[task] = dropped.get(task, 0) + 1
+            continue
+        kinds = set.intersection(*(set(by_tag[t]) for t in wanted))
+        out[(graph, task)] = {k: sum(by_tag[t][k] for t in wanted) / len(wanted) for k in kinds}
+    for task, n in sorted(dropped.items()):
+        log.info("%s: %d architectures lack a label in every set of %s", task, n, tag_of[task])
+    return out
+
+
 def _expand_targets(targets: Sequence[str], tasks: Sequence[str]) -> list[str]:
     out: list[str] = []
     for t in targets:
@@ -187,6 +226,9 @@ def load_samples(
     from aiop.cache import Store
 
     tag_of: dict[str, str | None] = {}  # task -> its set (acc_tag), looked up once per task
+    # "A+B" sets: (graph, task) -> tag -> kind -> value, and task -> recipe id -> a tag with it
+    replicates: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
+    recipes: dict[str, dict[str, str]] = {}
     with Store(store_path, readonly=True) as store:
         task_meta = store.tasks()
         metric_rows: dict[tuple[str, str], dict[str, float]] = {}  # (graph, task) -> kind -> v
@@ -201,9 +243,21 @@ def load_samples(
                 if lab.task not in tag_of:
                     tag_of[lab.task] = acc_tag(acc_mode, lab.task)
                 tag = tag_of[lab.task]
+                if tag is not None and REPLICATE_JOIN in tag:
+                    if lab.mode in tag.split(REPLICATE_JOIN):
+                        key = (lab.graph, lab.task)
+                        replicates.setdefault(key, {}).setdefault(lab.mode, {})[lab.kind] = (
+                            lab.value
+                        )
+                        if lab.extra.get("recipe"):  # secondary metrics carry none
+                            recipes.setdefault(lab.task, {}).setdefault(
+                                str(lab.extra["recipe"]), lab.mode
+                            )
+                    continue
                 if tag is not None and lab.mode not in (tag, ""):
                     continue
                 metric_rows.setdefault((lab.graph, lab.task), {})[lab.kind] = lab.value
+        metric_rows.update(_mean_of_replicates(replicates, recipes, tag_of))
         tasks = sorted({task for _, task in metric_rows})
         wanted = _expand_targets(targets, tasks)
         for (g, task), kinds in metric_rows.items():
@@ -329,6 +383,7 @@ def split_by_family(
     seed: int = 0,
     *,
     train_families: Sequence[str] | None = None,
+    require_train: bool = True,
 ) -> FamilySplit:
     """Hold out the families of ``test`` (``"A#20+B#20"``).
 
@@ -336,7 +391,8 @@ def split_by_family(
     fine-tune set and the rest the test set. Which architectures is decided
     by ``seed`` and A's name only — pass the same ``seed`` for every training
     seed, so every seed sees the same held-out sets. Training uses
-    ``train_families`` (default: every family not held out).
+    ``train_families`` (default: every family not held out); with ``require_train=False``
+    none may be left (a study of the held-out family's own pool).
     """
     known = families_of(samples)
     held = parse_family_test(test)
@@ -364,7 +420,7 @@ def split_by_family(
             raise SplitError(
                 f"family {sorted(train_set & held_names)[0]!r} is both trained on and held out"
             )
-    if not train_set:
+    if not train_set and require_train:
         raise SplitError("no family is left to train on")
     split = FamilySplit(train=[s for s in samples if s.family in train_set])
     for name, n in held:

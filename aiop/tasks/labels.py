@@ -142,6 +142,10 @@ def task_tag(tag: str | Mapping[str, str], task: str) -> str:
         raise HeadError(f"no label tag for task {task!r}")
     if not one or "\n" in one:
         raise HeadError("-tag must be a non-empty one-line string")
+    if "+" in one:  # the predictor's -acc_mode reads A+B as the mean of sets A and B
+        raise HeadError(
+            f"-tag {one!r}: '+' joins label sets when they are read; name a set without it"
+        )
     return one
 
 
