@@ -4,6 +4,7 @@ the ranking loss, epoch selection without the test set, and the script's flags."
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from aiop.predictor.train import (
     load_samples,
     pairwise_rank_loss,
     relevel_acc,
+    split_by_family,
     standardize_families,
 )
 
@@ -457,3 +459,42 @@ def test_readout_regressors_benchmark(store_path, tmp_path, capsys):
     assert "unknown family 'nope'" in capsys.readouterr().err
     assert bench.main(["--store", str(tmp_path / "none.db"), "--family", "res"]) == 2
     assert "no store" in capsys.readouterr().err
+
+
+def test_readout_regressors_scored_against_another_set(store_path, tmp_path, capsys):
+    """--test_acc_mode: learn from one set, score against another (``cls=none``: the untagged
+    labels alone). The labels reversed rank every prediction the other way; a held-out
+    architecture the scoring set lacks is left out."""
+    bench = load_script("benchmarks/acc_readout_regressors.py", "acc_readout_regressors")
+    path = tmp_path / "rep.db"
+    shutil.copy(store_path, path)
+    with Store(path) as store:
+        labels = list(store.labels(task="cls"))
+        for lab in labels:
+            store.put_label(lab.graph, "", "acc", -lab.value, task="cls", mode="rev")
+            if lab is not labels[0]:
+                store.put_label(lab.graph, "", "acc", -lab.value, task="cls", mode="part")
+    argv = ["--store", str(path), "--task", "cls", "--family", "res", "--n", "3"]
+    argv += ["--split_seeds", "0", "1", "--acc_mode", "cls=rev", "--out", str(tmp_path)]
+
+    def run(name, *flags):
+        assert bench.main([*argv, *flags, "--name", name]) == 0
+        return json.loads((tmp_path / f"{name}.json").read_text())
+
+    own, rev = run("own", "--test_acc_mode", "cls=rev"), run("rev", "--test_acc_mode", "cls=none")
+    assert rev["acc_tags"] == {"cls": "rev"} and rev["test_acc_tags"] == {"cls": "none"}
+    assert own["label_agreement"] == pytest.approx([1.0, 1.0])
+    assert rev["label_agreement"] == pytest.approx([-1.0, -1.0])
+    assert rev["srcc"]["ridge"] == pytest.approx([-v for v in own["srcc"]["ridge"]])
+    assert "agree at SRCC -1.000" in (tmp_path / "rev.md").read_text()
+    # rev+part: the mean of two sets, over the architectures both labelled (untagged labels
+    # do not fill in a mean), so labels[0]'s architecture cannot be scored
+    part = run("part", "--test_acc_mode", "cls=rev+part")
+    samples = load_samples(path, ["acc:cls"], acc_mode="rev")
+    for seed, n_own, n_part in zip((0, 1), own["test_sizes"], part["test_sizes"], strict=True):
+        test = split_by_family(samples, "res#3", seed).test["res"]
+        lacking = sum(s.cg.fingerprint == labels[0].graph for s in test)
+        assert n_part == n_own - lacking
+    capsys.readouterr()
+    assert bench.main([*argv, "--test_acc_mode", "cls=a+a"]) == 2
+    assert "distinct tags" in capsys.readouterr().err
