@@ -186,7 +186,15 @@ def test_predictions_through_the_shared_path_equal_the_old_path(resnet, monkeypa
     with monkeypatch.context() as m:  # no sharing of PyG graphs between structural keys
         m.setattr(analytic.PlanCache, "flags_signature", lambda self, c: analytic.structural_key(c))
         slow = old.predict(cg, configs)
-    assert slow == fast
+    # the analytic latency sums the same terms in another order: equal to the last ulp or so
+    assert len(slow) == len(fast)
+    for a, b in zip(slow, fast):
+        assert a.keys() == b.keys()
+        for k in a:
+            if isinstance(a[k], float):
+                assert a[k] == pytest.approx(b[k], rel=1e-12), k
+            else:
+                assert a[k] == b[k], k
     for c, r in zip(configs, fast):
         assert r["peak_memory_bytes_analytic"] == estimate_memory(cg, c).peak_memory_bytes
         assert torch.equal(pred._featurizer.pyg(cg, c).x, plain.pyg(cg, c).x)

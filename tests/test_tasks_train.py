@@ -98,10 +98,10 @@ def test_training_is_deterministic_and_learns() -> None:
     assert a == b
     torch.manual_seed(0)
     model = TaskModel(TinyResNet(in_chans=3, resolution=RES), "classification", width=16)
-    cfg = TrainConfig(epochs=3, batch_size=16, resolution=RES, n_train=256, n_val=100, lr=3e-3)
+    cfg = TrainConfig(epochs=5, batch_size=16, resolution=RES, n_train=256, n_val=100, lr=3e-3)
     result = train_task_model(model, cfg)
     assert result.losses[-1] < result.losses[0]
-    assert result.metrics["top1"] > 0.3  # chance is 0.1
+    assert result.metrics["top1"] > 0.4  # chance is 0.1; about 0.65 after 5 epochs
 
 
 def test_shared_head_round_trip(tmp_path) -> None:
