@@ -72,6 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--acc_head", default="gnn", choices=["gnn", "forest"])
     p.add_argument("--forest_kind", default=DEFAULT_FOREST_KIND, choices=FOREST_KINDS)
     p.add_argument("--forest_trees", type=int, default=200)
+    p.add_argument(
+        "--acc_share",
+        default="0",
+        help="--acc_head forest: cross-task label sharing weight, or 'cv' (aiop.predictor.share)",
+    )
+    p.add_argument(
+        "--share_tasks",
+        nargs="*",
+        default=[],
+        help="tasks whose labels of the training architectures are shared into --task's",
+    )
     p.add_argument("--no_family_only", action="store_true", help="skip the T-only curve")
     p.add_argument("--no_forest", action="store_true", help="skip the random-forest reference")
     p.add_argument("--out", default="benchmarks/results/acc_predictor_v4_joint")
@@ -85,6 +96,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     keys += ("gnn", "pos_enc", "acc_norm")
     if args.acc_head != "gnn":  # older result files have no such keys: they still resume
         keys += ("acc_head", "forest_kind", "forest_trees")
+    if args.acc_share not in ("0", 0, 0.0):  # likewise
+        keys += ("acc_share", "share_tasks")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -109,6 +122,11 @@ def _markdown(args: argparse.Namespace, summary: dict[str, Any], meta: dict[str,
     if args.acc_head == "forest":
         head = f"the predictor's forest on the block readout ({args.forest_kind}, "
         head += f"{args.forest_trees} trees)"
+        if args.acc_share not in ("0", 0, 0.0):
+            head += (
+                f", its training labels shared with the same architectures' "
+                f"{', '.join(args.share_tasks)} labels at weight {args.acc_share}"
+            )
     lines = [
         f"# Accuracy predictor: labelled architectures of a family vs SRCC ({args.task})",
         "",
@@ -208,6 +226,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     samples = load_samples(args.store, [target], acc_mode=acc_mode)
     if not samples:
         raise ValueError(f"{args.store}: no {target} labels")
+    # other tasks' labels, shared into the target's for the architectures it trains on
+    share_targets = [f"acc:{t}" for t in args.share_tasks if t != args.task]
+    shared_by_model: dict[str, list[Any]] = {}
+    if share_targets:
+        for s in load_samples(args.store, share_targets, acc_mode=acc_mode):
+            if s.cg.meta.get("model"):
+                shared_by_model.setdefault(s.cg.meta["model"], []).append(s)
     name = args.name or f"acc_joint_{args.task}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -255,7 +280,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             pred = Predictor(
                 spec=replace(make_spec(args.gnn), pos_enc=args.pos_enc),
-                targets=[target],
+                targets=[target, *share_targets],
                 epochs=args.epochs,
                 batch_size=args.batch_size,
                 lr=args.lr,
@@ -264,8 +289,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 acc_head=args.acc_head,
                 forest_kind=args.forest_kind,
                 forest_trees=args.forest_trees,
+                acc_share=args.acc_share,
             )
-            fit_predictor(pred, chosen if var == "family" else [*others, *chosen], args.acc_norm)
+            train = chosen if var == "family" else [*others, *chosen]
+            models = sorted({s.cg.meta.get("model") for s in train} - {None})
+            train = [*train, *(s for m in models for s in shared_by_model.get(m, []))]
+            fit_predictor(pred, train, args.acc_norm)
             pr = collect_predictions(pred, test, [target])[target]
             y_true, y_pred = pr.y_true, pr.y_pred
         run = {
@@ -277,6 +306,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "metrics": regression_metrics(y_true, y_pred),
             "cpu_seconds": round(time.process_time() - t1, 1),
         }
+        if var != "forest" and pred.acc_share_chosen:
+            run["acc_share_chosen"] = pred.acc_share_chosen.get(target)
         runs.append(run)
         with runs_path.open("a") as fh:  # one line per finished run: a killed study resumes
             fh.write(json.dumps(run) + "\n")
@@ -359,6 +390,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not Path(args.store).is_file():
         print(f"acc_predictor_joint: error: no store at {args.store}", file=sys.stderr)
+        return 2
+    from aiop.predictor.share import check_acc_share
+
+    try:
+        args.acc_share = check_acc_share(args.acc_share)
+    except ValueError as exc:
+        print(f"acc_predictor_joint: error: {exc}", file=sys.stderr)
         return 2
     try:
         result = run(args)

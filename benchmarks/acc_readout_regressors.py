@@ -45,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="score against this label set instead (e.g. a seed replicate of --acc_mode's: "
         "how much of a ranking is the training labels' own seed); default: --acc_mode's",
     )
+    p.add_argument(
+        "--share_tasks",
+        nargs="*",
+        default=[],
+        help="also score the default forest trained on labels shared with these tasks' labels "
+        "of the same training architectures (aiop.predictor.share), at each --share_weights",
+    )
+    p.add_argument("--share_weights", nargs="+", default=["0.25", "0.5", "1", "cv"])
     p.add_argument("--family", required=True)
     p.add_argument("--n", type=int, default=150, help="labelled pool of the family")
     p.add_argument("--split_seeds", type=int, nargs="+", default=[0, 1, 2, 3])
@@ -84,6 +92,9 @@ def regressors() -> dict[str, Callable[[np.ndarray, np.ndarray], Callable[[np.nd
     }
 
 
+SHARED = "forest (random), shared"
+
+
 def _nan_stat(stat: Callable[[Any], Any], values: list[float]) -> float:
     """``stat`` over the splits that ranked (NaN: a constant prediction), NaN if none did."""
     ranked = [v for v in values if v == v]
@@ -95,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     from scipy.stats import spearmanr
 
     from aiop.predictor.blocks import block_readout
+    from aiop.predictor.forest import TreeEnsemble
+    from aiop.predictor.share import check_acc_share, choose_share, shared_labels
     from aiop.predictor.train import (
         ACC_MODE,
         AccModeError,
@@ -119,12 +132,22 @@ def main(argv: list[str] | None = None) -> int:
                 s.cg.fingerprint: s.labels[target]
                 for s in load_samples(args.store, [target], acc_mode=test_mode)
             }
-    except AccModeError as exc:
+        weights = [check_acc_share(w) for w in args.share_weights] if args.share_tasks else []
+        if any(isinstance(w, dict) for w in weights):
+            raise ValueError("--share_weights takes numbers ≥ 0 or 'cv'")
+        shared = []  # other tasks' samples, matched to the target's by their backbone
+        if weights:
+            share_targets = [f"acc:{t}" for t in args.share_tasks if t != args.task]
+            shared = load_samples(args.store, share_targets, acc_mode=acc_mode)
+            shared = [s for s in shared if s.cg.meta.get("model")]
+    except (AccModeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     readout = {id(s.cg): block_readout(s.cg) for s in samples}
     models = regressors()
     scores: dict[str, list[float]] = {k: [] for k in models}
+    scores.update({f"{SHARED} {w}": [] for w in weights})
+    chosen: list[float] = []  # the weight "cv" picked, per split
     sizes: list[int] = []
     agreement: list[float] = []  # SRCC of the training set's labels with the scoring set's
     for seed in args.split_seeds:
@@ -158,11 +181,46 @@ def main(argv: list[str] | None = None) -> int:
             # a constant prediction ranks nothing: NaN, left out of the mean and said in the table
             flat = bool(np.ptp(pred) == 0)
             scores[name].append(float("nan") if flat else float(spearmanr(pred, yt)[0]))
+        if weights:
+            test_models = {s.cg.meta.get("model") for s in test}
+            arch: dict[str, dict[str, tuple[str, float]]] = {}
+            for s in shared:  # other tasks' labels of every architecture not held out
+                if s.cg.meta["model"] not in test_models:
+                    for t, v in s.labels.items():
+                        arch.setdefault(t, {})[s.cg.meta["model"]] = (s.family, v)
+            if len({s.cg.meta.get("model") for s in pool} - {None}) != len(pool):
+                print("error: sharing needs one graph per model (meta model)", file=sys.stderr)
+                return 2
+            arch[target] = {s.cg.meta["model"]: (s.family, yv) for s, yv in zip(pool, y)}
+            row_of = {s.cg.meta.get("model"): r for s, r in zip(pool, x[:, keep])}
+
+            def fit_predict(train, ys, held, trees=200, row_of=row_of):
+                forest = TreeEnsemble.fit(
+                    np.stack([row_of[m] for m in train]), np.asarray(ys), trees=trees
+                )
+                return forest.predict(np.stack([row_of[m] for m in held]))
+
+            for w in weights:
+                lam = w
+                if w == "cv":
+                    lam, _ = choose_share(
+                        arch, target, lambda a, b, c: fit_predict(a, b, c, trees=100)
+                    )
+                    chosen.append(lam)
+                labels = shared_labels(arch, target, float(lam))
+                pool_models = [s.cg.meta.get("model") for s in pool]
+                forest = TreeEnsemble.fit(x[:, keep], np.array([labels[m] for m in pool_models]))
+                pred = forest.predict(xt[:, keep])
+                flat = bool(np.ptp(pred) == 0)
+                scores[f"{SHARED} {w}"].append(
+                    float("nan") if flat else float(spearmanr(pred, yt)[0])
+                )
     result = {
         "args": vars(args),
         "acc_tags": acc_tags(acc_mode, [args.task]),
         "test_acc_tags": acc_tags(test_mode, [args.task]),
         "label_agreement": agreement,
+        "share_cv_chosen": chosen,
         "test_sizes": sizes,
         "srcc": scores,
         "mean": {k: _nan_stat(np.nanmean, v) for k, v in scores.items()},
@@ -189,6 +247,14 @@ def main(argv: list[str] | None = None) -> int:
             f"The two sets' own labels of the held-out architectures agree at SRCC "
             f"{np.mean(agreement):.3f} ± {np.std(agreement):.3f} "
             f"({' / '.join(f'{a:.3f}' for a in agreement)}).",
+            "",
+        ]
+    if weights:
+        lines += [
+            f"`{SHARED} W`: the default forest on training labels shared with the same "
+            f"architectures' {', '.join(args.share_tasks)} labels at weight W "
+            "(`aiop.predictor.share`; `cv`: chosen by 5-fold cross-validation on the "
+            f"training architectures, here {' / '.join(f'{c:g}' for c in chosen) or '–'}).",
             "",
         ]
     lines += [

@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from aiop.predictor.forest import DEFAULT_FOREST_KIND, FOREST_KINDS
+from aiop.predictor.share import check_acc_share
 from aiop.predictor.train import (
     ACC_MODE,
     ACC_NORMS,
@@ -190,6 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-forest_kind", default=DEFAULT_FOREST_KIND, choices=FOREST_KINDS)
     p.add_argument("-forest_trees", type=int, default=200, help="trees of -acc_head forest")
+    p.add_argument(
+        "-acc_share",
+        default="0",
+        help="-acc_head forest: blend each task's training labels with the same architectures' "
+        "labels on the other -targets tasks at this weight (0: none), or 'cv' to pick the "
+        "weight per task by 5-fold cross-validation, or TASK=WEIGHT pairs "
+        "('semantic=0.5,detection=0.25': other tasks unshared; aiop.predictor.share)",
+    )
     p.add_argument("-num_seeds", type=int, default=2)
     p.add_argument("-seed", type=int, default=0, help="first training seed")
     p.add_argument("-split_seed", type=int, default=0, help="seed of the #N selection")
@@ -220,6 +229,10 @@ def _check_args(args: argparse.Namespace) -> None:
     ):
         if getattr(args, name) < 1:
             raise UsageError(f"-{name} must be at least 1")
+    try:
+        args.acc_share = check_acc_share(args.acc_share)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     for name in ("fine_tune_epochs", "k_epochs"):
         if getattr(args, name) < 0:
             raise UsageError(f"-{name} must not be negative")
@@ -368,6 +381,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             acc_head=args.acc_head,
             forest_kind=args.forest_kind,
             forest_trees=args.forest_trees,
+            acc_share=args.acc_share,
         )
         if not split.train:
             raise UsageError("no training samples in -family_train")

@@ -305,6 +305,7 @@ def test_script_relevel_only_keeps_the_zero_shot_ranking(store_path, tmp_path, c
         (["-pos_enc", "17"], "pos_enc must be between 0 and 16"),
         (["-acc_head", "forest", "-k_adapt", "1", "-family_k", "cnn"], "-acc_head forest"),
         (["-acc_head", "forest", "-forest_trees", "0"], "-forest_trees"),
+        (["-acc_head", "forest", "-acc_share", "lots"], "acc_share must be a number"),
     ],
 )
 def test_script_bad_ranking_flags(store_path, tmp_path, capsys, flags, message):
@@ -410,6 +411,14 @@ def test_joint_benchmark_with_the_forest_head(store_path, tmp_path, capsys):
     assert result["summary"]["res|joint|4"]["metrics"]["mape"]["mean"] < 2.0
     assert bench.main([*argv, "--epochs", "-1"]) == 2
     assert "--epochs" in capsys.readouterr().err
+    # labels shared with another task's: the run records the weight the forest learnt with
+    shared = [*argv[:-3], "--name", "s", "-q", "--acc_share", "0.5", "--share_tasks", "cls"]
+    assert bench.main(shared) == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert result["settings"]["acc_share"] == 0.5 and result["settings"]["share_tasks"] == ["cls"]
+    assert "at weight 0.5" in (tmp_path / "s.md").read_text()
+    assert bench.main([*shared, "--acc_share", "x"]) == 2
+    assert "acc_share" in capsys.readouterr().err
 
 
 def test_forest_reference_reads_the_stored_architecture(store_path):
@@ -498,3 +507,38 @@ def test_readout_regressors_scored_against_another_set(store_path, tmp_path, cap
     capsys.readouterr()
     assert bench.main([*argv, "--test_acc_mode", "cls=a+a"]) == 2
     assert "distinct tags" in capsys.readouterr().err
+
+
+def test_readout_regressors_with_labels_shared_across_tasks(store_path, tmp_path, capsys):
+    """--share_tasks: the default forest on labels blended with another task's labels of the
+    same architectures; weight 0 is the default forest itself. With the other task's labels
+    the reverse of these, weight 1 blends every label to its family's mean: nothing ranks."""
+    bench = load_script("benchmarks/acc_readout_regressors.py", "acc_readout_regressors")
+
+    def store_with_aux(name: str, sign: float) -> Path:
+        path = tmp_path / name
+        shutil.copy(store_path, path)
+        with Store(path) as store:
+            store.put_task("aux", metric="acc")
+            for lab in list(store.labels(task="cls")):
+                store.put_label(lab.graph, "", "acc", sign * lab.value, task="aux")
+        return path
+
+    argv = ["--task", "cls", "--family", "res", "--n", "3", "--acc_mode", "any"]
+    argv += ["--split_seeds", "0", "1", "--out", str(tmp_path), "--share_tasks", "aux"]
+    argv += ["--share_weights", "0", "1", "cv"]
+    assert bench.main(["--store", str(store_with_aux("a.db", 1)), *argv, "--name", "s"]) == 0
+    result = json.loads((tmp_path / "s.json").read_text())
+    shared = "forest (random), shared"
+    assert result["srcc"][f"{shared} 0.0"] == result["srcc"]["forest (random, the default)"]
+    assert len(result["srcc"][f"{shared} 1.0"]) == 2
+    assert result["share_cv_chosen"] == [0.0, 0.0]  # 3 architectures: too few for 5 folds
+    assert "labels at weight W" in (tmp_path / "s.md").read_text()
+    assert bench.main(["--store", str(store_with_aux("r.db", -1)), *argv, "--name", "r"]) == 0
+    reverse = json.loads((tmp_path / "r.json").read_text())["srcc"]
+    assert all(v != v for v in reverse[f"{shared} 1.0"])  # NaN: a constant prediction
+    assert reverse[f"{shared} 0.0"] == result["srcc"][f"{shared} 0.0"]
+    capsys.readouterr()
+    bad = ["--store", str(store_path), *argv[:-4], "--share_tasks", "aux", "--share_weights"]
+    assert bench.main([*bad, "lots"]) == 2
+    assert "acc_share" in capsys.readouterr().err

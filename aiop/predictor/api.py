@@ -69,6 +69,13 @@ from aiop.predictor.latency import (
 )
 from aiop.predictor.model import GNNSpec, PerformanceGNN
 from aiop.predictor.normalize import Normalizer
+from aiop.predictor.share import (
+    AccShare,
+    check_acc_share,
+    choose_share,
+    share_for,
+    shared_labels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +282,7 @@ class Predictor:
         acc_head: str = "gnn",
         forest_kind: str = DEFAULT_FOREST_KIND,
         forest_trees: int = 200,
+        acc_share: AccShare = 0.0,
     ) -> None:
         self.spec = spec
         if acc_head not in ACC_HEADS:
@@ -288,6 +296,13 @@ class Predictor:
         self.acc_head = acc_head
         self.forest_kind = forest_kind
         self.forest_trees = forest_trees
+        # cross-task label sharing (aiop.predictor.share): a weight ≥ 0, "cv" to pick one per
+        # task, or TASK=WEIGHT pairs; acc_share_chosen records what each task's forest used
+        try:
+            self.acc_share = check_acc_share(acc_share)
+        except ValueError as exc:
+            raise PredictorError(str(exc)) from None
+        self.acc_share_chosen: dict[str, float] = {}
         self.acc_forests: dict[str, TreeEnsemble] = {}
         self._forest_rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         if latency_kind not in ("kernels", "terms"):
@@ -597,17 +612,26 @@ class Predictor:
 
     def fit_acc_forest(self, samples: Sequence[Sample], extend: bool = False) -> None:
         """(Re)fit one forest per accuracy target on ``samples`` (with ``extend``: on them and
-        the rows the forest was fitted on before). Does nothing unless ``acc_head="forest"``."""
+        the rows the forest was fitted on before). Does nothing unless ``acc_head="forest"``.
+        With ``acc_share`` the labels are first blended across tasks (:mod:`.share`)."""
         if self.acc_head != "forest":
             return
-        for t in [t for t in self.targets if t.startswith("acc:")]:
-            by_graph: dict[int, tuple[ComputeGraph, list[MConfig], list[float]]] = {}
+        acc_targets = [t for t in self.targets if t.startswith("acc:")]
+        # target -> graph -> (cg, family, configs, labels)
+        graphs: dict[str, dict[int, tuple[ComputeGraph, str, list[MConfig], list[float]]]] = {}
+        for t in acc_targets:
+            by_graph = graphs.setdefault(t, {})
             for s in samples:
                 if t in s.labels and math.isfinite(s.labels[t]):
-                    _, cfgs, ys = by_graph.setdefault(id(s.cg), (s.cg, [], []))
+                    _, _, cfgs, ys = by_graph.setdefault(id(s.cg), (s.cg, s.family, [], []))
                     cfgs.append(s.config)
                     ys.append(float(s.labels[t]))
-            parts = [(self.acc_features(cg, cfgs), ys) for cg, cfgs, ys in by_graph.values()]
+        shifts = self._shared_label_shifts(graphs)
+        for t in acc_targets:
+            parts = [
+                (self.acc_features(cg, cfgs), np.asarray(ys) + shifts.get(t, {}).get(g, 0.0))
+                for g, (cg, _, cfgs, ys) in graphs[t].items()
+            ]
             xs = [p[0] for p in parts]
             ys = [np.asarray(p[1], dtype=np.float64) for p in parts]
             if extend and t in self._forest_rows:
@@ -625,6 +649,50 @@ class Predictor:
                 raise PredictorError(f"{t}: {exc}") from None
             self._forest_rows[t] = (x, y)
             self.acc_forests[t] = forest
+
+    def _shared_label_shifts(
+        self, graphs: dict[str, dict[int, tuple[ComputeGraph, str, list[MConfig], list[float]]]]
+    ) -> dict[str, dict[int, float]]:
+        """target -> graph -> what cross-task sharing adds to the graph's labels (none at
+        ``acc_share=0``). Graphs are matched across targets by ``cg.meta["model"]``; a model
+        with two graphs under one target is not shared."""
+        if all(share_for(self.acc_share, t) == 0 for t in graphs) or len(graphs) < 2:
+            return {}
+        arch: dict[str, dict[str, tuple[str, float]]] = {}
+        graph_of: dict[str, dict[str, int]] = {}
+        for t, by_graph in graphs.items():
+            seen: dict[str, list[int]] = {}
+            for g, (cg, _, _, _) in by_graph.items():
+                if cg.meta.get("model"):
+                    seen.setdefault(str(cg.meta["model"]), []).append(g)
+            graph_of[t] = {m: gs[0] for m, gs in seen.items() if len(gs) == 1}
+            arch[t] = {
+                m: (by_graph[g][1], float(np.mean(by_graph[g][3]))) for m, g in graph_of[t].items()
+            }
+        shifts: dict[str, dict[int, float]] = {}
+        for t, models in graph_of.items():
+            share = share_for(self.acc_share, t)
+            if not models or share == 0:
+                continue
+            if share == "cv":
+                rows = {m: self.acc_features(graphs[t][g][0], graphs[t][g][2][:1])[0]
+                        for m, g in models.items()}  # fmt: skip
+
+                def fit_predict(train, ys, test, rows=rows):
+                    forest = TreeEnsemble.fit(
+                        np.stack([rows[m] for m in train]), np.asarray(ys),
+                        kind=self.forest_kind, trees=min(self.forest_trees, 100), seed=self.seed,
+                    )  # fmt: skip
+                    return forest.predict(np.stack([rows[m] for m in test]))
+
+                lam, scores = choose_share(arch, t, fit_predict, seed=self.seed)
+                log.info("%s: cross-task sharing %.2f (fold SRCC by weight: %s)", t, lam, scores)
+            else:
+                lam = float(share)
+            self.acc_share_chosen[t] = lam
+            blended = shared_labels(arch, t, lam)
+            shifts[t] = {g: blended[m] - arch[t][m][1] for m, g in models.items()}
+        return shifts
 
     def _forest_accuracy(
         self, cg: ComputeGraph, configs: Sequence[MConfig]
@@ -806,6 +874,8 @@ class Predictor:
                 "kind": self.acc_head,
                 "forest_kind": self.forest_kind,
                 "forest_trees": self.forest_trees,
+                "share": self.acc_share,
+                "share_chosen": self.acc_share_chosen,
                 "readout_version": READOUT_VERSION,
                 "forests": {t: f.n_features for t, f in self.acc_forests.items()},
             },
@@ -831,6 +901,8 @@ class Predictor:
         self.acc_head = head["kind"]
         self.forest_kind = head.get("forest_kind", self.forest_kind)
         self.forest_trees = int(head.get("forest_trees", self.forest_trees))
+        self.acc_share = check_acc_share(head.get("share", 0.0))
+        self.acc_share_chosen = {t: float(v) for t, v in (head.get("share_chosen") or {}).items()}
         if self.acc_head not in ACC_HEADS:
             raise PredictorError(f"unknown accuracy head {self.acc_head!r}")
         if head.get("forests") and head.get("readout_version") != READOUT_VERSION:

@@ -292,6 +292,8 @@ def load_samples(
                 continue
             cg = store.get_graph(fp)
             cg.meta.setdefault("fp", fp)
+            if info.meta.get("model"):  # the backbone: matches one architecture's task graphs
+                cg.meta.setdefault("model", str(info.meta["model"]))
             if not specs:
                 samples.append(Sample(cg, MConfig(), dict(shared), family))
                 continue
