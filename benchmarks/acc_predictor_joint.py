@@ -398,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"acc_predictor_joint: error: {exc}", file=sys.stderr)
         return 2
+    if args.acc_share != 0 and args.acc_head != "forest":
+        print("acc_predictor_joint: error: --acc_share needs --acc_head forest", file=sys.stderr)
+        return 2
     try:
         result = run(args)
     except ValueError as exc:  # a bad split, an unknown family or task: one line

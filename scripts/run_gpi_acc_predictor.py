@@ -263,6 +263,8 @@ def _check_args(args: argparse.Namespace) -> None:
         )
     if args.acc_head == "forest" and args.k_adapt is not None:
         raise UsageError("-acc_head forest has no K-adapters: drop -k_adapt")
+    if args.acc_head != "forest" and args.acc_share != 0:
+        raise UsageError("-acc_share shares the accuracy forest's labels: add -acc_head forest")
     if args.k_adapt is not None and not args.family_k:
         raise UsageError("-k_adapt needs -family_k FAMILY [FAMILY ...] to train adapters on")
 

@@ -306,6 +306,7 @@ def test_script_relevel_only_keeps_the_zero_shot_ranking(store_path, tmp_path, c
         (["-acc_head", "forest", "-k_adapt", "1", "-family_k", "cnn"], "-acc_head forest"),
         (["-acc_head", "forest", "-forest_trees", "0"], "-forest_trees"),
         (["-acc_head", "forest", "-acc_share", "lots"], "acc_share must be a number"),
+        (["-acc_share", "0.5"], "add -acc_head forest"),
     ],
 )
 def test_script_bad_ranking_flags(store_path, tmp_path, capsys, flags, message):
@@ -419,6 +420,8 @@ def test_joint_benchmark_with_the_forest_head(store_path, tmp_path, capsys):
     assert "at weight 0.5" in (tmp_path / "s.md").read_text()
     assert bench.main([*shared, "--acc_share", "x"]) == 2
     assert "acc_share" in capsys.readouterr().err
+    assert bench.main([*shared, "--acc_head", "gnn"]) == 2
+    assert "--acc_share needs --acc_head forest" in capsys.readouterr().err
 
 
 def test_forest_reference_reads_the_stored_architecture(store_path):
