@@ -55,9 +55,7 @@ LABEL := OMP_NUM_THREADS=1 $(PY) scripts/run_train_cgs_on_task.py -cache_file da
 task-labels: venv
 	$(LABEL) -family ofa_mbv3 ofa_pn ofa_resnet -task classification -num_archs 200
 	$(LABEL) -family ofa_mbv3 ofa_pn ofa_resnet -task pose -num_archs 200
-	$(LABEL) -family ofa_mbv3 ofa_pn ofa_resnet -task semantic -num_archs 200
-	$(LABEL) -family ofa_mbv3 ofa_pn -task detection -num_archs 200
-	$(LABEL) -family ofa_resnet -task detection -num_archs 63
+	$(LABEL) -family ofa_mbv3 ofa_pn ofa_resnet -task semantic detection -num_archs 200
 	$(LABEL) -family ofa_pn -task panoptic instance -num_archs 200
 	$(LABEL) -family ofa_mbv3 -task panoptic -num_archs 100
 	$(LABEL) -family ofa_mbv3 ofa_pn ofa_resnet -task panoptic instance -num_archs 30
