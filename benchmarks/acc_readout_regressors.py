@@ -86,13 +86,22 @@ def regressors() -> dict[str, Callable[[np.ndarray, np.ndarray], Callable[[np.nd
 
     return {
         "forest (extra)": forest("extra"),
-        "forest (random, the default)": forest("random"),
+        DEFAULT_FOREST: forest("random"),
         "gradient boosting": gbm,
         "ridge": ridge,
     }
 
 
 SHARED = "forest (random), shared"
+DEFAULT_FOREST = "forest (random, the default)"
+
+
+def _srcc(pred: np.ndarray, truth: np.ndarray) -> float:
+    """SRCC of a prediction; NaN for a constant one, which ranks nothing (left out of the
+    mean and said in the table)."""
+    from scipy.stats import spearmanr
+
+    return float("nan") if bool(np.ptp(pred) == 0) else float(spearmanr(pred, truth)[0])
 
 
 def _nan_stat(stat: Callable[[Any], Any], values: list[float]) -> float:
@@ -177,22 +186,20 @@ def main(argv: list[str] | None = None) -> int:
             agreement.append(float(spearmanr(own, yt)[0]))
         sizes.append(len(test))
         for name, fit in models.items():
-            pred = fit(x[:, keep], y)(xt[:, keep])
-            # a constant prediction ranks nothing: NaN, left out of the mean and said in the table
-            flat = bool(np.ptp(pred) == 0)
-            scores[name].append(float("nan") if flat else float(spearmanr(pred, yt)[0]))
+            scores[name].append(_srcc(fit(x[:, keep], y)(xt[:, keep]), yt))
         if weights:
+            pool_models = [s.cg.meta.get("model") for s in pool]
+            if len(set(pool_models) - {None}) != len(pool):
+                print("error: sharing needs one graph per model (meta model)", file=sys.stderr)
+                return 2
             test_models = {s.cg.meta.get("model") for s in test}
             arch: dict[str, dict[str, tuple[str, float]]] = {}
             for s in shared:  # other tasks' labels of every architecture not held out
                 if s.cg.meta["model"] not in test_models:
                     for t, v in s.labels.items():
                         arch.setdefault(t, {})[s.cg.meta["model"]] = (s.family, v)
-            if len({s.cg.meta.get("model") for s in pool} - {None}) != len(pool):
-                print("error: sharing needs one graph per model (meta model)", file=sys.stderr)
-                return 2
-            arch[target] = {s.cg.meta["model"]: (s.family, yv) for s, yv in zip(pool, y)}
-            row_of = {s.cg.meta.get("model"): r for s, r in zip(pool, x[:, keep])}
+            arch[target] = {m: (s.family, yv) for m, s, yv in zip(pool_models, pool, y)}
+            row_of = dict(zip(pool_models, x[:, keep]))
 
             def fit_predict(train, ys, held, trees=200, row_of=row_of):
                 forest = TreeEnsemble.fit(
@@ -208,13 +215,9 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     chosen.append(lam)
                 labels = shared_labels(arch, target, float(lam))
-                pool_models = [s.cg.meta.get("model") for s in pool]
-                forest = TreeEnsemble.fit(x[:, keep], np.array([labels[m] for m in pool_models]))
-                pred = forest.predict(xt[:, keep])
-                flat = bool(np.ptp(pred) == 0)
-                scores[f"{SHARED} {w}"].append(
-                    float("nan") if flat else float(spearmanr(pred, yt)[0])
-                )
+                fit = models[DEFAULT_FOREST]
+                pred = fit(x[:, keep], np.array([labels[m] for m in pool_models]))(xt[:, keep])
+                scores[f"{SHARED} {w}"].append(_srcc(pred, yt))
     result = {
         "args": vars(args),
         "acc_tags": acc_tags(acc_mode, [args.task]),

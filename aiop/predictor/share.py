@@ -140,8 +140,7 @@ def choose_share(
         fold_scores = []
         for held in parts:
             held_set = set(held)
-            train = {t: dict(v) for t, v in arch_labels.items()}
-            train[target] = {m: v for m, v in own.items() if m not in held_set}
+            train = {**arch_labels, target: {m: v for m, v in own.items() if m not in held_set}}
             labels = shared_labels(train, target, lam)
             fit_models = sorted(labels)
             pred = fit_predict(fit_models, [labels[m] for m in fit_models], held)
