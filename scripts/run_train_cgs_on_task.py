@@ -119,11 +119,14 @@ def list_labels(args: Any) -> int:
     if args.json:
         print(json.dumps([s.to_dict() for s in sets]))
         return 0
-    print(f"{'tag':40s} {'task':15s} {'family':11s} {'count':>5s}  recipe    mean (min-max)")
+    print(
+        f"{'tag':40s} {'task':15s} {'family':11s} {'count':>5s}  recipe    mean (min-max)"
+        "        supernet"
+    )
     for s in sets:
         print(
             f"{s.tag:40s} {s.task:15s} {s.family:11s} {s.count:5d}  {','.join(s.recipes):8s}  "
-            f"{s.mean:.3f} ({s.min:.3f}-{s.max:.3f})"
+            f"{s.mean:.3f} ({s.min:.3f}-{s.max:.3f})  {','.join(s.supernets) or '-'}"
         )
     return 0
 

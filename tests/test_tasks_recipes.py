@@ -174,6 +174,7 @@ def test_a_tag_holds_one_recipe(tmp_path: Path) -> None:
         label_archs(db, spec, ["pose"], per_task, tag="t3", width=16, progress=False)
     sets = {(x.tag, x.task, x.family): x for x in inventory(db)}
     assert sets[("t", "classification", "ofa_pn")].count == 1
+    assert sets[("t", "classification", "ofa_pn")].supernets == []  # trained from scratch
     t2 = sets[("t2", "classification", "ofa_pn")]
     assert t2.recipes == [recipe_id(other, "classification", 16)]
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
 import torch
 
+from aiop.cache import Store
 from aiop.models.families import FAMILY_NAMES, sample_arch
 from aiop.tasks import supernet as sn
+from aiop.tasks.checkpoints import save_checkpoint
+from aiop.tasks.labels import SupernetMismatch, inventory, label_archs
 from aiop.tasks.train import TrainConfig, build_task_model
 
 FAMILIES = list(FAMILY_NAMES)
@@ -91,6 +95,13 @@ def test_train_resume_is_identical_and_inheritance_is_used(tmp_path, monkeypatch
     a, _ = sn.load_supernet(whole, cfg)
     b, _ = sn.load_supernet(killed, cfg)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the identity hashes weights, not the file (whose metadata holds training seconds)
+    ident = sn.checkpoint_identity(whole)
+    assert ident == sn.checkpoint_identity(killed) and ident["key"] == cfg.key()
+    assert len(ident["weights_sha256"]) == 16
+    other = tmp_path / "other.safetensors"
+    sn.train_supernet(_tiny("ofa_pn", seed=1), other)
+    assert sn.checkpoint_identity(other)["weights_sha256"] != ident["weights_sha256"]
 
     # a recipe's init="supernet": trained into the cache once, then read back
     monkeypatch.setenv("AIOP_CACHE_DIR", str(tmp_path / "cache"))
@@ -105,6 +116,38 @@ def test_train_resume_is_identical_and_inheritance_is_used(tmp_path, monkeypatch
     assert torch.equal(dict(model.named_parameters())[name], expect)
     build_task_model("family:ofa_pn:4", "semantic", init="supernet")
     assert path.stat().st_mtime_ns == stamp  # reused, not retrained
+
+    # an inherited label records which trained supernet it came from
+    db = tmp_path / "labels.db"
+    tiny = TrainConfig(epochs=1, n_train=32, n_val=16, batch_size=16, init="supernet")
+    report = label_archs(
+        db, ["family:ofa_pn:5"], ["classification"], tiny, width=16, progress=False
+    )
+    assert len(report.labelled) == 1 and not report.failed
+    with Store(db, readonly=True) as s:
+        (rec,) = list(s.labels(kind="acc"))
+    assert rec.extra["supernet"] == sn.checkpoint_identity(path)
+    assert path.stat().st_mtime_ns == stamp
+
+    # another trained instance of the same config (as another machine's floating point
+    # gives; here: nudged weights) must not add to that set, whose labels it would rank
+    # differently; under another tag it may, and nothing is lost
+    state, meta = sn.load_supernet(path)
+    state = {k: v + 1e-3 if v.is_floating_point() else v for k, v in state.items()}
+    save_checkpoint(state, meta, path)
+    os.utime(path, ns=(stamp + 10**9, stamp + 10**9))
+    with pytest.raises(SupernetMismatch, match="holds ofa_pn labels inherited from supernet"):
+        label_archs(db, ["family:ofa_pn:6"], ["classification"], tiny, width=16, progress=False)
+    other = label_archs(
+        db, ["family:ofa_pn:6"], ["classification"], tiny, width=16, progress=False, tag="b"
+    )
+    assert len(other.labelled) == 1
+    with Store(db, readonly=True) as s:
+        modes = sorted(r.mode for r in s.labels(kind="acc"))
+    assert modes == ["b", "individual"]
+    sets = {x.tag: x.supernets for x in inventory(db)}
+    nudged = sn.checkpoint_identity(path)["weights_sha256"]
+    assert sets == {"individual": [rec.extra["supernet"]["weights_sha256"]], "b": [nudged]}
 
 
 def test_bad_input(tmp_path):

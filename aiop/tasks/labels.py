@@ -66,6 +66,11 @@ class RecipeMismatch(HeadError):
     """A label set (task, tag) already holds labels made with another recipe."""
 
 
+class SupernetMismatch(HeadError):
+    """A label set (task, tag) holds a family's labels inherited from another trained
+    supernet than the one in this cache (or from one whose weights were not recorded)."""
+
+
 class OneLineParser(argparse.ArgumentParser):
     """The scripts' parser: bad flags give one line on stderr and exit code 2."""
 
@@ -173,6 +178,33 @@ def _shared_key(extra: dict[str, Any]) -> dict[str, Any] | None:
     return {"config": config}
 
 
+def check_supernet(
+    store: Any, task: str, tag: str, family: str, identity: Mapping[str, Any]
+) -> None:
+    """Raise :class:`SupernetMismatch` if (task, tag) holds ``family`` labels inherited from
+    another supernet instance than ``identity`` (:func:`aiop.tasks.supernet.supernet_identity`).
+
+    Retraining a family's supernet on another machine gives other weights, and the
+    subnets' labels then rank differently (measured on 26 ofa_mbv3 classification labels:
+    Spearman 0.18 between two instances, 0.81 between two seeds of one): one set must not
+    mix them."""
+    want = identity.get("weights_sha256")
+    prefix = f"family:{family}:"
+    for rec in store.labels(kind=ACC_KIND, task=task, mode=tag):
+        if not str(rec.extra.get("model", "")).startswith(prefix):
+            continue
+        if (rec.extra.get("train") or {}).get("init") != "supernet":
+            continue
+        old = (rec.extra.get("supernet") or {}).get("weights_sha256")
+        if old != want:
+            was = f"supernet weights {old}" if old else "a supernet whose weights were not recorded"
+            raise SupernetMismatch(
+                f"label set {tag!r} of task {task} holds {family} labels inherited from {was}; "
+                f"this cache's {family} supernet is {want} (another trained instance ranks "
+                f"subnets differently): give this run another -tag, e.g. {tag}-i{str(want)[:8]}"
+            )
+
+
 def check_recipe(store: Any, task: str, tag: str, rid: str) -> None:
     """Raise :class:`RecipeMismatch` if (task, tag) holds ``acc`` labels of another recipe."""
     for rec in store.labels(kind=ACC_KIND, task=task, mode=tag):
@@ -213,6 +245,7 @@ def label_archs(
     from aiop.cache import Store
     from aiop.profiler import tool_version
     from aiop.tasks.recipes import recipe_id
+    from aiop.tasks.supernet import supernet_config, supernet_identity
 
     for t in tasks:
         check_task(t)
@@ -245,6 +278,7 @@ def label_archs(
         names = sorted(set(tags.values()))
         desc = names[0] if len(names) == 1 else f"{len(names)} tags"
         bar = tqdm(work, desc=f"labels ({desc})", disable=not progress)
+        checked: set[tuple[str, str]] = set()
         for spec, task in bar:
             bar.set_postfix_str(f"{spec} {task}")
             tcfg = cfgs[task]
@@ -265,6 +299,19 @@ def label_archs(
                 ):
                     report.skipped.append((spec, task))
                     continue
+            except ValueError as exc:  # our errors: a bad arch or head; others are bugs
+                reason = str(exc).splitlines()[0]
+                log.warning("%s %s: %s", spec, task, reason)
+                report.failed.append((spec, task, reason))
+                continue
+            instance = None
+            if tcfg.init == "supernet":  # which trained supernet the backbone came from
+                family = model.arch["family"]
+                instance = supernet_identity(supernet_config(family))
+                if (task, family) not in checked:  # before the first new label: refuse a mix
+                    check_supernet(store, task, tags[task], family, instance)
+                    checked.add((task, family))
+            try:
                 shared = chkpts.get(task)
                 result, values = train_repeats(model, spec, tcfg, width, shared)
             except ValueError as exc:  # our errors: a bad arch or head; others are bugs
@@ -287,6 +334,8 @@ def label_archs(
                 "head_width": width,
                 "shared_head": shared[1] if shared is not None else None,
             }
+            if instance is not None:
+                extra["supernet"] = instance
             labels = [(ACC_KIND, primary, extra)] + [
                 (k, v, {"model": spec}) for k, v in sorted(result.metrics.items())
             ]
@@ -364,6 +413,9 @@ class LabelSet:
     mean: float
     min: float
     max: float
+    # the supernet instances its inherited labels came from (weights hash; "?" where not
+    # recorded); empty for labels trained from scratch. More than one: a mixed set
+    supernets: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -373,25 +425,31 @@ def inventory(cache_file: str | Path) -> list[LabelSet]:
     """Every label set of the store, by tag, task and family (what exists, for reports)."""
     from aiop.cache import Store
 
-    groups: dict[tuple[str, str, str], list[tuple[float, str | None]]] = {}
+    groups: dict[tuple[str, str, str], list[tuple[float, str | None, str | None]]] = {}
     with Store(cache_file, readonly=True) as store:
         fams = {i.fingerprint: i.meta.get("family", "?") for i in store.graphs()}
         for rec in store.labels(kind=ACC_KIND):
             key = (rec.mode, rec.task, fams.get(rec.graph, "?"))
-            groups.setdefault(key, []).append((rec.value, label_recipe_id(rec.extra, rec.task)))
+            instance = None
+            if (rec.extra.get("train") or {}).get("init") == "supernet":
+                instance = (rec.extra.get("supernet") or {}).get("weights_sha256") or "?"
+            groups.setdefault(key, []).append(
+                (rec.value, label_recipe_id(rec.extra, rec.task), instance)
+            )
     out = []
     for (tag, task, family), vals in sorted(groups.items()):
-        values = [v for v, _ in vals]
+        values = [v for v, _, _ in vals]
         out.append(
             LabelSet(
                 tag=tag,
                 task=task,
                 family=family,
                 count=len(values),
-                recipes=sorted({r or "?" for _, r in vals}),
+                recipes=sorted({r or "?" for _, r, _ in vals}),
                 mean=sum(values) / len(values),
                 min=min(values),
                 max=max(values),
+                supernets=sorted({i for _, _, i in vals if i is not None}),
             )
         )
     return out

@@ -512,6 +512,41 @@ def supernet_state(
     return _cached(str(path), path.stat().st_mtime)
 
 
+@lru_cache(maxsize=4)
+def _identity(path: str, mtime: float) -> dict[str, Any]:
+    state = _cached(path, mtime)
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().contiguous().cpu().numpy().tobytes())
+    meta = load_supernet(path, tensors=False)[1]
+    return {
+        "key": meta.get("key"),
+        "weights_sha256": h.hexdigest()[:16],
+        "top1_largest": meta.get("top1_largest"),
+        "top1_smallest": meta.get("top1_smallest"),
+    }
+
+
+def checkpoint_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A finished supernet checkpoint's config key, a hash of its weights (names and bytes,
+    not the file: the metadata holds training seconds) and its checkpoint accuracies."""
+    path = Path(path)
+    return dict(_identity(str(path), path.stat().st_mtime))
+
+
+def supernet_identity(
+    cfg: SupernetConfig, root: str | os.PathLike[str] | None = None
+) -> dict[str, Any]:
+    """:func:`checkpoint_identity` of the cache's supernet for ``cfg``: which trained
+    instance a label inherits from.
+
+    The same config trained on another CPU gives other weights (floating-point sums run
+    in another order), so one family's labels made with different caches can come from
+    different supernets; the hash, stored with every inherited label, tells them apart."""
+    return checkpoint_identity(ensure_supernet(cfg, root))
+
+
 def inherit_spec(model: TaskModel, cfg: SupernetConfig, *, progress: bool = False) -> TaskModel:
     """Start a family architecture's task model from its slice of the family's supernet."""
     arch = model.arch
