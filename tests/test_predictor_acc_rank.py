@@ -4,6 +4,7 @@ the ranking loss, epoch selection without the test set, and the script's flags."
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -545,3 +546,25 @@ def test_readout_regressors_with_labels_shared_across_tasks(store_path, tmp_path
     bad = ["--store", str(store_path), *argv[:-4], "--share_tasks", "aux", "--share_weights"]
     assert bench.main([*bad, "lots"]) == 2
     assert "acc_share" in capsys.readouterr().err
+
+
+def test_load_samples_warns_of_labels_from_two_supernets(store_path, tmp_path, caplog):
+    """Labels inherited from two trained supernets rank subnets differently: loading a set
+    that mixes them says so (one warning per task and family); one instance says nothing."""
+    path = tmp_path / "mixed.db"
+    shutil.copy(store_path, path)
+    with Store(path) as store:
+        labs = [lab for lab in store.labels(kind="acc") if lab.task == "cls"]
+        for i, lab in enumerate(labs):
+            sha = "a" * 16 if i % 2 else None  # half recorded, half from before records
+            extra = {"model": f"family:ofa_pn:{i}", "train": {"init": "supernet"}}
+            if sha:
+                extra["supernet"] = {"weights_sha256": sha}
+            store.put_label(lab.graph, "", "acc", lab.value, task="t2", extra=extra)
+    with caplog.at_level(logging.WARNING, logger="aiop.predictor.train"):
+        load_samples(store_path, ["acc"])
+    assert not [r for r in caplog.records if "supernet instances" in r.message]
+    with caplog.at_level(logging.WARNING, logger="aiop.predictor.train"):
+        load_samples(path, ["acc:t2"])
+    (warning,) = [r.message for r in caplog.records if "supernet instances" in r.message]
+    assert warning.startswith("t2 labels of ofa_pn come from 2 supernet instances (?, aaaa")

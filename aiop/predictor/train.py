@@ -197,6 +197,31 @@ def _expand_targets(targets: Sequence[str], tasks: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def _note_instance(instances: dict[tuple[str, str], set[str]], lab: Any) -> None:
+    """Record which supernet instance an inherited ``acc`` label came from ("?": unrecorded)."""
+    if lab.kind != "acc" or (lab.extra.get("train") or {}).get("init") != "supernet":
+        return
+    parts = str(lab.extra.get("model", "")).split(":")
+    family = parts[1] if len(parts) == 3 and parts[0] == "family" else "?"
+    sha = (lab.extra.get("supernet") or {}).get("weights_sha256") or "?"
+    instances.setdefault((lab.task, family), set()).add(sha)
+
+
+def _warn_mixed_instances(instances: dict[tuple[str, str], set[str]]) -> None:
+    # two trained supernets rank a family's subnets differently (aiop.tasks.supernet): a set
+    # that mixes them is mostly noise to an accuracy predictor
+    for (task, family), shas in sorted(instances.items()):
+        if len(shas) > 1:
+            log.warning(
+                "%s labels of %s come from %d supernet instances (%s), which rank subnets "
+                "differently: train on one set (-acc_mode)",
+                task,
+                family,
+                len(shas),
+                ", ".join(sorted(shas)),
+            )
+
+
 def load_samples(
     store_path: str | Path,
     targets: Sequence[str] = ("memory", "latency", "flops"),
@@ -226,6 +251,7 @@ def load_samples(
     from aiop.cache import Store
 
     tag_of: dict[str, str | None] = {}  # task -> its set (acc_tag), looked up once per task
+    instances: dict[tuple[str, str], set[str]] = {}  # (task, family) -> supernet weights hashes
     # "A+B" sets: (graph, task) -> tag -> kind -> value, and task -> recipe id -> a tag with it
     replicates: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
     recipes: dict[str, dict[str, str]] = {}
@@ -257,6 +283,8 @@ def load_samples(
                 if tag is not None and lab.mode not in (tag, ""):
                     continue
                 metric_rows.setdefault((lab.graph, lab.task), {})[lab.kind] = lab.value
+                _note_instance(instances, lab)
+        _warn_mixed_instances(instances)
         metric_rows.update(_mean_of_replicates(replicates, recipes, tag_of))
         tasks = sorted({task for _, task in metric_rows})
         wanted = _expand_targets(targets, tasks)

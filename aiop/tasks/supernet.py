@@ -22,6 +22,13 @@ starts every architecture from its inherited backbone; :func:`ensure_supernet`
 trains the family's supernet on first use into the cache directory (a few
 minutes on one core, once) and reuses it afterwards.
 
+The same config trained on another machine is another supernet: floating-point sums
+run in another order, the weights drift apart, and the subnets' labels rank
+differently (26 ofa_mbv3 classification labels: Spearman 0.18 between two instances).
+:func:`supernet_identity` hashes the weights; every inherited label records it, and
+a label set refuses a family's labels from a second instance
+(:func:`aiop.tasks.labels.check_supernet`).
+
 Checkpoints are one ``.safetensors`` file with JSON metadata (format, config,
 steps, accuracy of the largest and smallest architecture); a run saves after
 every epoch, with the optimizer's moments, and resumes from there when killed.
