@@ -14,15 +14,19 @@ validation split and stores, in one transaction, the graph and its labels:
 * kind ``acc`` = the task's headline metric (top-1, bbox AP, segm AP, mIoU,
   PQ, PCK@0.2 — fractions in [0, 1]), plus one kind per metric (``bbox_AP50``,
   ``SQ`` …); ``extra`` keeps the training recipe (its settings and its id,
-  :func:`aiop.tasks.recipes.recipe_id`), the seconds it took and the
-  architecture.
+  :func:`aiop.tasks.recipes.recipe_id`), the seconds it took, the
+  architecture and, for an inherited backbone, the supernet instance
+  (:func:`aiop.tasks.supernet.supernet_identity`).
 
 One tag, one recipe: labels made with different settings measure different
 things, so a run whose recipe differs from the labels a tag already holds for
 the task is refused (:class:`RecipeMismatch`) instead of mixing or overwriting
 them. The tag may differ per task: the scripts' default is each task's
 :func:`aiop.tasks.recipes.label_tag` (recipe ``v3`` writes classification labels
-to ``individual-v2``, pose labels to ``individual-v3``).
+to ``individual-v2``, pose labels to ``individual-v3``). One tag, one supernet
+per family, likewise: another trained instance of the same settings ranks the
+subnets differently, so a run whose supernet is not the one a tag's labels of the
+family came from is refused (:class:`SupernetMismatch`) before it trains.
 
 Resumable: an architecture whose ``acc`` label exists for (task, tag) is
 skipped, so a killed run loses at most the architecture in training.
