@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 
@@ -236,3 +237,30 @@ def test_command_line(tmp_path, capsys):
             code = exc.code
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and message in err[0], (bad, err)
+
+
+def test_supernet_instances_benchmark(tmp_path, monkeypatch, capsys):
+    """Two tiny instances (two seeds) label the same architectures: a report with their
+    identities and the Spearman between them; a rerun resumes from the label log."""
+    from script_helpers import load_script
+
+    bench = load_script("benchmarks/supernet_instances.py", "supernet_instances")
+    monkeypatch.setenv("AIOP_CACHE_DIR", str(tmp_path / "cache"))
+    argv = ["--family", "ofa_pn", "--epochs", "1", "--seeds", "0", "1", "--num_archs", "3"]
+    argv += ["--supernet_n_train", "32", "--label_n_train", "32", "-q"]
+    argv += ["--out", str(tmp_path), "--name", "si"]
+    assert bench.main(argv) == 0
+    result = json.loads((tmp_path / "si.json").read_text())
+    assert list(result["labels"]) == ["e1-s0", "e1-s1"]
+    assert all(len(v) == 3 for v in result["labels"].values())
+    a, b = (result["supernets"][k]["weights_sha256"] for k in ("e1-s0", "e1-s1"))
+    assert a != b  # two seeds, two instances
+    (pair,) = result["pairs"]
+    assert pair["a"] == "e1-s0" and -1.0 <= pair["spearman"] <= 1.0
+    log = (tmp_path / "si_labels.jsonl").read_text().splitlines()
+    assert len(log) == 6
+    assert bench.main(argv) == 0  # resumes: every label is logged, nothing trains again
+    assert (tmp_path / "si_labels.jsonl").read_text().splitlines() == log
+    capsys.readouterr()
+    assert bench.main(["--family", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown family 'nope'" in capsys.readouterr().err
