@@ -23,7 +23,10 @@ recipe that trains the task as ``-recipe`` does (``shared-<name>`` with
 ``-chkpt``), plus a hash of the overrides when there are any, so labels of
 different recipes never share a tag and a task the new recipe leaves unchanged
 keeps its old set. An explicit ``-tag`` names one set for every task; a run
-whose recipe differs from the labels the set already holds is refused.
+whose recipe differs from the labels the set already holds is refused, and so is
+one whose family supernet (an inheriting recipe's backbones) is another trained
+instance than the one the set's labels of that family came from: the cache's
+supernets are part of the data (``-list`` shows each set's instances).
 """
 
 from __future__ import annotations
