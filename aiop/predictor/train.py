@@ -199,11 +199,13 @@ def _expand_targets(targets: Sequence[str], tasks: Sequence[str]) -> list[str]:
 
 def _note_instance(instances: dict[tuple[str, str], set[str]], lab: Any) -> None:
     """Record which supernet instance an inherited ``acc`` label came from ("?": unrecorded)."""
-    if lab.kind != "acc" or (lab.extra.get("train") or {}).get("init") != "supernet":
+    from aiop.tasks.supernet import label_supernet
+
+    sha = label_supernet(lab.extra) if lab.kind == "acc" else None
+    if sha is None:
         return
     parts = str(lab.extra.get("model", "")).split(":")
     family = parts[1] if len(parts) == 3 and parts[0] == "family" else "?"
-    sha = (lab.extra.get("supernet") or {}).get("weights_sha256") or "?"
     instances.setdefault((lab.task, family), set()).add(sha)
 
 

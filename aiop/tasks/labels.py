@@ -192,16 +192,20 @@ def check_supernet(
     subnets' labels then rank differently (measured on 26 ofa_mbv3 classification labels:
     Spearman 0.18 between two instances, 0.81 between two seeds of one): one set must not
     mix them."""
+    from aiop.tasks.supernet import label_supernet
+
     want = identity.get("weights_sha256")
     prefix = f"family:{family}:"
     for rec in store.labels(kind=ACC_KIND, task=task, mode=tag):
         if not str(rec.extra.get("model", "")).startswith(prefix):
             continue
-        if (rec.extra.get("train") or {}).get("init") != "supernet":
-            continue
-        old = (rec.extra.get("supernet") or {}).get("weights_sha256")
-        if old != want:
-            was = f"supernet weights {old}" if old else "a supernet whose weights were not recorded"
+        old = label_supernet(rec.extra)
+        if old is not None and old != want:
+            was = (
+                "a supernet whose weights were not recorded"
+                if old == "?"
+                else f"supernet weights {old}"
+            )
             raise SupernetMismatch(
                 f"label set {tag!r} of task {task} holds {family} labels inherited from {was}; "
                 f"this cache's {family} supernet is {want} (another trained instance ranks "
@@ -428,17 +432,15 @@ class LabelSet:
 def inventory(cache_file: str | Path) -> list[LabelSet]:
     """Every label set of the store, by tag, task and family (what exists, for reports)."""
     from aiop.cache import Store
+    from aiop.tasks.supernet import label_supernet
 
     groups: dict[tuple[str, str, str], list[tuple[float, str | None, str | None]]] = {}
     with Store(cache_file, readonly=True) as store:
         fams = {i.fingerprint: i.meta.get("family", "?") for i in store.graphs()}
         for rec in store.labels(kind=ACC_KIND):
             key = (rec.mode, rec.task, fams.get(rec.graph, "?"))
-            instance = None
-            if (rec.extra.get("train") or {}).get("init") == "supernet":
-                instance = (rec.extra.get("supernet") or {}).get("weights_sha256") or "?"
             groups.setdefault(key, []).append(
-                (rec.value, label_recipe_id(rec.extra, rec.task), instance)
+                (rec.value, label_recipe_id(rec.extra, rec.task), label_supernet(rec.extra))
             )
     out = []
     for (tag, task, family), vals in sorted(groups.items()):

@@ -43,6 +43,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -540,6 +541,15 @@ def checkpoint_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
     not the file: the metadata holds training seconds) and its checkpoint accuracies."""
     path = Path(path)
     return dict(_identity(str(path), path.stat().st_mtime))
+
+
+def label_supernet(extra: Mapping[str, Any]) -> str | None:
+    """The weights hash of the supernet a stored label's backbone inherited from, read from
+    the label's ``extra`` as :func:`aiop.tasks.labels.label_archs` writes it: None for a label
+    trained from scratch, ``"?"`` for an inherited one made before the hash was recorded."""
+    if (extra.get("train") or {}).get("init") != "supernet":
+        return None
+    return (extra.get("supernet") or {}).get("weights_sha256") or "?"
 
 
 def supernet_identity(
