@@ -50,7 +50,7 @@ def _predictor(path: str | None, cg, acc_forest: bool = False) -> Predictor:
     head = "forest" if acc_forest else "gnn"
     p = Predictor(spec=GNNSpec(), targets=targets, epochs=1, progress=False, acc_head=head)
     p.fit(samples)
-    if acc_forest and p.acc_forests["acc:cls"].max_feature_used < 0:
+    if acc_forest and p.acc_readouts["acc:cls"].max_feature_used < 0:
         raise RuntimeError("the synthetic accuracy forest did not split")
     return p
 
@@ -121,7 +121,7 @@ def main() -> None:
             f"{r['predictions_per_s']:,.0f} | {r['predictions_per_cpu_s']:,.0f} | "
             f"{per_profile:.2f} s | {r['speedup']:,.0f}× |\n"
         )
-    result["acc_forest"] = bool(predictor.acc_forests)
+    result["acc_forest"] = bool(predictor.acc_readouts)
     stem = "predictor_speed_forest" if args.acc_forest else "predictor_speed"
     write_results(args.out, stem, result, md)
     print(md)

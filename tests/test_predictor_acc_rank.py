@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -307,7 +308,8 @@ def test_script_relevel_only_keeps_the_zero_shot_ranking(store_path, tmp_path, c
         (["-acc_head", "forest", "-k_adapt", "1", "-family_k", "cnn"], "-acc_head forest"),
         (["-acc_head", "forest", "-forest_trees", "0"], "-forest_trees"),
         (["-acc_head", "forest", "-acc_share", "lots"], "acc_share must be a number"),
-        (["-acc_share", "0.5"], "add -acc_head forest"),
+        (["-acc_share", "0.5"], "add -acc_head forest, ridge or auto"),
+        (["-acc_head", "ridge", "-k_adapt", "1", "-family_k", "cnn"], "-acc_head ridge"),
     ],
 )
 def test_script_bad_ranking_flags(store_path, tmp_path, capsys, flags, message):
@@ -355,7 +357,20 @@ def test_script_forest_head_joint(store_path, tmp_path, capsys):
     # the held-out architectures of "res" sit at the level of the 3 the forest has seen
     assert metrics["mape"]["mean"] < 2.0
     saved = Predictor.load(out / "f_seed0.safetensors")
-    assert saved.acc_head == "forest" and set(saved.acc_forests) == {T}
+    assert saved.acc_head == "forest" and set(saved.acc_readouts) == {T}
+    assert result["acc_heads"][0]["targets"][T]["kind"] == "forest"
+
+
+def test_script_ridge_head_joint(store_path, tmp_path, capsys):
+    script = _load_script()
+    out = tmp_path / "out"
+    flags = ("-fine_tune_joint", "-acc_head", "ridge", "-save_predictor")
+    assert _run_joint(script, store_path, out, "r", *flags) == 0, capsys.readouterr().err
+    result = json.loads((out / "r.json").read_text())
+    assert [h["targets"][T]["kind"] for h in result["acc_heads"]] == ["ridge"]
+    assert math.isfinite(result["results"]["res"]["joint"]["acc:cls"]["mape"]["mean"])
+    saved = Predictor.load(out / "r_seed0.safetensors")
+    assert saved.acc_head == "ridge" and saved.acc_readouts[T].kinds == ["ridge"]
 
 
 def test_script_joint_needs_finetune_architectures(store_path, tmp_path, capsys):
@@ -458,8 +473,11 @@ def test_readout_regressors_benchmark(store_path, tmp_path, capsys):
     assert result["test_sizes"] == [3, 3]
     assert result["acc_tags"] == {"cls": "any"}
     assert set(result["srcc"]) == {
-        "forest (extra)", "forest (random, the default)", "gradient boosting", "ridge"
+        "forest (extra)", "forest (random, the default)", "gradient boosting", "ridge",
+        "auto (forest or ridge per family by CV)",
     }  # fmt: skip
+    # too few architectures to cross-validate: auto keeps the forest, and scores as it does
+    assert result["auto_chosen"] == ["forest", "forest"]
     assert all(len(v) == 2 for v in result["srcc"].values())
     # a forest on 3 rows with leaves of >= 3 is one leaf: a constant prediction ranks nothing
     assert all(v != v for v in result["srcc"]["forest (extra)"])  # NaN

@@ -1,5 +1,6 @@
-"""The block readout, the tree ensemble stored without pickle, and the predictor's accuracy
-forest (``Predictor(acc_head="forest")``): fit, predict, fine-tune, save/load, bad files."""
+"""The block readout, the tree ensemble and the ridge stored without pickle, and the
+predictor's accuracy readout heads (``Predictor(acc_head="forest" | "ridge" | "auto")``): fit,
+predict, fine-tune, save/load, bad files."""
 
 from __future__ import annotations
 
@@ -16,6 +17,14 @@ from scipy.stats import spearmanr
 from aiop.cg import from_onnx, from_torch
 from aiop.mconfig import MConfig
 from aiop.models.families import build_arch, sample_arch
+from aiop.predictor.acc_heads import (
+    HeadChoice,
+    ReadoutHeadError,
+    TargetReadout,
+    choose_heads,
+    fit_head,
+    fit_target_readout,
+)
 from aiop.predictor.api import Predictor, PredictorError, Sample
 from aiop.predictor.blocks import (
     MAX_BLOCKS,
@@ -25,6 +34,7 @@ from aiop.predictor.blocks import (
     find_stages,
 )
 from aiop.predictor.forest import ForestError, TreeEnsemble
+from aiop.predictor.linear import RIDGE_ALPHAS, RidgeError, RidgeReadout
 from aiop.predictor.model import GNNSpec
 from aiop.predictor.train import clone_predictor, finetune
 
@@ -148,13 +158,13 @@ def family_samples() -> list[Sample]:
 
 
 def _forest_predictor(**kw) -> Predictor:
+    kw.setdefault("acc_head", "forest")
     return Predictor(
         spec=GNNSpec(conv="graphconv", layers=2, hidden=8, head_hidden=8),
         targets=[T],
         epochs=kw.pop("epochs", 2),
         batch_size=8,
         progress=False,
-        acc_head="forest",
         forest_trees=50,
         **kw,
     )
@@ -175,12 +185,12 @@ def test_forest_answers_accuracy_and_ranks_held_out_architectures(forest_pred, f
     held = family_samples[14:22]
     got = _accuracy(forest_pred, held)
     x = np.stack([forest_pred.acc_features(s.cg, [s.config])[0] for s in held])
-    np.testing.assert_array_equal(got, forest_pred.acc_forests[T].predict(x))
+    np.testing.assert_array_equal(got, forest_pred.acc_readouts[T].predict(x))
     truth = [s.labels[T] for s in held]
     assert spearmanr(got, truth)[0] > 0.6
     # the network's own head (2 epochs) is not what answers
     gnn = Predictor.__new__(Predictor)
-    gnn.__dict__ = {**forest_pred.__dict__, "acc_forests": {}}
+    gnn.__dict__ = {**forest_pred.__dict__, "acc_readouts": {}}
     assert not np.allclose(_accuracy(gnn, held), got)
     # one graph, many configurations: accuracy labels came under one configuration, so the
     # forest answers the same for each
@@ -190,19 +200,19 @@ def test_forest_answers_accuracy_and_ranks_held_out_architectures(forest_pred, f
 
 def test_forest_fine_tune_refits_on_the_union_and_leaves_the_base(forest_pred, family_samples):
     held = family_samples[14:22]
-    rows = len(forest_pred._forest_rows[T][1])
+    rows = len(forest_pred.acc_readouts[T].rows_y)
     before = _accuracy(forest_pred, held)
     tuned = finetune(forest_pred, held[:4], epochs=0)
-    assert len(tuned._forest_rows[T][1]) == rows + 4
-    assert len(forest_pred._forest_rows[T][1]) == rows
+    assert len(tuned.acc_readouts[T].rows_y) == rows + 4
+    assert len(forest_pred.acc_readouts[T].rows_y) == rows
     np.testing.assert_array_equal(_accuracy(forest_pred, held), before)
     # the labelled architectures now sit in the forest: it answers them far closer
     err_before = np.abs(before[:4] - [s.labels[T] for s in held[:4]]).mean()
     err_after = np.abs(_accuracy(tuned, held[:4]) - [s.labels[T] for s in held[:4]]).mean()
     assert err_after < err_before
     clone = clone_predictor(forest_pred)
-    clone.fit_acc_forest(held, extend=True)
-    assert len(forest_pred._forest_rows[T][1]) == rows
+    clone.fit_acc_readout(held, extend=True)
+    assert len(forest_pred.acc_readouts[T].rows_y) == rows
 
 
 def test_forest_save_load_round_trip_and_bad_files(forest_pred, family_samples, tmp_path):
@@ -211,9 +221,9 @@ def test_forest_save_load_round_trip_and_bad_files(forest_pred, family_samples, 
     held = family_samples[14:22]
     np.testing.assert_array_equal(_accuracy(loaded, held), _accuracy(forest_pred, held))
     assert loaded.acc_head == "forest" and loaded.forest_trees == 50
-    np.testing.assert_array_equal(loaded._forest_rows[T][0], forest_pred._forest_rows[T][0])
+    np.testing.assert_array_equal(loaded.acc_readouts[T].rows_x, forest_pred.acc_readouts[T].rows_x)
     # a fine-tune of the loaded predictor still refits on the original rows too
-    assert len(finetune(loaded, held[:2], epochs=0)._forest_rows[T][1]) == 14 + 4 + 2
+    assert len(finetune(loaded, held[:2], epochs=0).acc_readouts[T].rows_y) == 14 + 4 + 2
 
     state = load_file(str(path))
     with safe_open(str(path), framework="pt") as fh:
@@ -250,9 +260,9 @@ def test_gnn_head_keeps_no_forest(family_samples, tmp_path):
     pred = _forest_predictor(epochs=1)
     pred.acc_head = "gnn"
     pred.fit(family_samples[:6])
-    assert pred.acc_forests == {}
+    assert pred.acc_readouts == {}
     loaded = Predictor.load(pred.save(tmp_path / "g.safetensors"))
-    assert loaded.acc_head == "gnn" and loaded.acc_forests == {}
+    assert loaded.acc_head == "gnn" and loaded.acc_readouts == {}
 
 
 def test_forest_reads_the_configuration_when_labels_depend_on_it(family_samples):
@@ -265,7 +275,7 @@ def test_forest_reads_the_configuration_when_labels_depend_on_it(family_samples)
             rows.append(Sample(s.cg, cfg, {T: s.labels[T] - 0.2 * freeze}, s.family))
     pred = _forest_predictor(epochs=1)
     pred.fit(rows)
-    assert pred.acc_forests[T].max_feature_used >= len(READOUT_NAMES)
+    assert pred.acc_readouts[T].max_feature_used >= len(READOUT_NAMES)
     out = pred.predict(family_samples[12].cg, ["bs=8", "bs=8,freeze=0.5"])
     assert out[0]["accuracy"]["cls"] - out[1]["accuracy"]["cls"] > 0.05
 
@@ -279,7 +289,170 @@ def test_speed_benchmark_times_a_forest_that_reads_the_configuration():
     model = SmallCNN(width=8)
     cg = from_torch(model, (1, *model.input_size))
     pred = bench._predictor(None, cg, acc_forest=True)
-    assert pred.acc_forests["acc:cls"].max_feature_used >= len(READOUT_NAMES)
+    assert pred.acc_readouts["acc:cls"].max_feature_used >= len(READOUT_NAMES)
     out = pred.predict(cg, ["bs=8", "bs=32,freeze=0.5"])
     assert out[0]["accuracy"]["cls"] > out[1]["accuracy"]["cls"]
-    assert bench._predictor(None, cg).acc_forests == {}
+    assert bench._predictor(None, cg).acc_readouts == {}
+
+
+# -- the ridge readout and acc_head="auto" ---------------------------------------------------
+def test_ridge_predicts_what_scikit_learn_predicts(regression_data):
+    from sklearn.linear_model import RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y, x_new = regression_data
+    x = np.column_stack([x, np.full(len(x), 3.0)])  # a constant column: scale 1, coefficient 0
+    x_new = np.column_stack([x_new, np.full(len(x_new), 5.0)])
+    ridge = RidgeReadout.fit(x, y)
+    reference = make_pipeline(StandardScaler(), RidgeCV(alphas=np.asarray(RIDGE_ALPHAS)))
+    reference.fit(x, y)
+    np.testing.assert_allclose(ridge.predict(x_new), reference.predict(x_new), atol=1e-10)
+    assert ridge.alpha == reference[-1].alpha_
+    assert ridge.scale[-1] == 1.0 and ridge.coef[-1] == 0.0
+    assert ridge.max_feature_used == x.shape[1] - 2
+    again = RidgeReadout.from_tensors(ridge.to_tensors("r/"), "r/", x.shape[1])
+    np.testing.assert_array_equal(again.predict(x_new), ridge.predict(x_new))
+
+
+def test_ridge_refuses_bad_input_and_broken_arrays(regression_data):
+    x, y, _ = regression_data
+    with pytest.raises(RidgeError, match="≥ 2 rows"):
+        RidgeReadout.fit(x[:1], y[:1])
+    with pytest.raises(RidgeError, match="finite"):
+        RidgeReadout.fit(np.where(x > 2, np.nan, x), y)
+    with pytest.raises(RidgeError, match="penalties"):
+        RidgeReadout.fit(x, y, alphas=(0.0,))
+    ridge = RidgeReadout.fit(x, y)
+    with pytest.raises(RidgeError, match="reads 12 features"):
+        ridge.predict(x[:, :5])
+    state = ridge.to_tensors("r/")
+    with pytest.raises(RidgeError, match="coef of shape"):
+        RidgeReadout.from_tensors(
+            {**state, "r/coef": torch.zeros(3, dtype=torch.float64)}, "r/", 12
+        )
+    zero_scale = state["r/scale"].clone()
+    zero_scale[0] = 0
+    with pytest.raises(RidgeError, match="non-positive scale"):
+        RidgeReadout.from_tensors({**state, "r/scale": zero_scale}, "r/", 12)
+    with pytest.raises(RidgeError, match="r/intercept_alpha"):
+        RidgeReadout.from_tensors({k: v for k, v in state.items() if "alpha" not in k}, "r/", 12)
+
+
+def _two_family_rows(rng, per_family=40):
+    """Family ``a``: a label linear in features 0-3; ``b``: a label that is |x| in 4-5, which
+    no linear model ranks. Each graph has two rows (configurations) with one label."""
+    x, y, groups, fams = [], [], [], []
+    for k in range(2 * per_family):
+        fam = "ab"[k % 2]
+        row = np.zeros(9)
+        cols = slice(0, 4) if fam == "a" else slice(4, 8)
+        row[cols] = rng.normal(size=4)
+        label = row[:4] @ [1.0, -0.5, 0.3, 0.8] if fam == "a" else abs(row[4]) + abs(row[5])
+        for config in (0.0, 1.0):
+            x.append(np.r_[row[:8], config])
+            y.append(label)
+            groups.append(k)
+            fams.append(fam)
+    return np.array(x), np.array(y), np.array(groups), fams
+
+
+def _fit(kind, xx, yy):
+    return fit_head(kind, xx, yy, forest_kind="random", trees=40, seed=0)
+
+
+def test_choose_heads_picks_per_family_the_regressor_that_ranks_held_out_graphs():
+    x, y, groups, fams = _two_family_rows(np.random.default_rng(1))
+    group_family = dict(zip(groups.tolist(), fams))
+    choice = choose_heads(x, y, groups, group_family, _fit)
+    assert choice.by_family == {"a": "ridge", "b": "forest"}
+    assert choice.family_scores["a"]["ridge"] > choice.family_scores["a"]["forest"]
+    assert choice.family_scores["b"]["forest"] > choice.family_scores["b"]["ridge"] + 0.3
+    assert set(choice.scores) == {"forest", "ridge"}
+    # too few graphs to cross-validate: the forest, nothing scored
+    few = choose_heads(x[:16], y[:16], groups[:16], group_family, _fit)
+    assert few == HeadChoice(default="forest")
+    with pytest.raises(ReadoutHeadError, match="unknown readout head 'boosted'"):
+        fit_head("boosted", x, y, forest_kind="random", trees=2, seed=0)
+
+
+def test_target_readout_routes_a_graph_to_its_familys_head():
+    rng = np.random.default_rng(2)
+    x, y, _, fams = _two_family_rows(rng)
+    readout = fit_target_readout("auto", x, y, fams, _fit, n_readout=8)
+    assert readout.kinds == ["forest", "ridge"] and readout.by_family == {
+        "a": "ridge",
+        "b": "forest",
+    }
+    new_x, _, _, new_fams = _two_family_rows(rng, per_family=5)
+    assert [readout.family_of(r) for r in new_x] == new_fams
+    expect = [readout.heads["ridge" if f == "a" else "forest"].predict(r[None])[0]
+              for r, f in zip(new_x, new_fams)]  # fmt: skip
+    np.testing.assert_array_equal(readout.predict(new_x), expect)
+    # a fixed setting: one head, no routing, no choice
+    ridge = fit_target_readout("ridge", x, y, fams, _fit, n_readout=8)
+    assert ridge.kinds == ["ridge"] and ridge.by_family == {} and ridge.scores == {}
+    np.testing.assert_array_equal(ridge.predict(new_x), ridge.heads["ridge"].predict(new_x))
+    # the saved form restores the same routing and predictions
+    again = TargetReadout.from_saved(readout.to_json(), readout.to_tensors("t"), "t", 8)
+    np.testing.assert_array_equal(again.predict(new_x), readout.predict(new_x))
+    assert again.row_families == fams
+    state = readout.to_tensors("t")
+    state["acc_forest/t/rows_family"] = torch.full_like(state["acc_forest/t/rows_family"], 7)
+    with pytest.raises(ReadoutHeadError, match="row family index out of range"):
+        TargetReadout.from_saved(readout.to_json(), state, "t", 8)
+    with pytest.raises(ReadoutHeadError, match="unknown readout head 'gnn'"):
+        fit_target_readout("gnn", x, y, fams, _fit, n_readout=8)
+
+
+@pytest.mark.parametrize("head", ["ridge", "auto"])
+def test_ridge_and_auto_heads_fit_predict_fine_tune_and_round_trip(head, family_samples, tmp_path):
+    pred = _forest_predictor(acc_head=head)
+    train, held = family_samples[:14] + family_samples[22:], family_samples[14:22]
+    pred.fit(train)
+    readout = pred.acc_readouts[T]
+    summary = pred.acc_head_summary()[T]
+    assert summary["kind"] == readout.default and (head == "auto" or readout.kinds == ["ridge"])
+    # 14 ofa_mbv3 graphs: enough for the folds, too few for a choice of the family's own
+    assert bool(summary["scores"]) == (head == "auto") and summary["by_family"] == {}
+    x = np.stack([pred.acc_features(s.cg, [s.config])[0] for s in held])
+    got = _accuracy(pred, held)
+    np.testing.assert_array_equal(got, readout.predict(x))
+    if readout.default == "ridge":  # the synthetic label is linear in the readout
+        assert spearmanr(got, [s.labels[T] for s in held])[0] > 0.6
+    path = pred.save(tmp_path / f"{head}.safetensors")
+    assert any(k.startswith(f"acc_{readout.default}/{T}/") for k in load_file(str(path)))
+    loaded = Predictor.load(path)
+    assert loaded.acc_head == head and loaded.acc_head_summary() == pred.acc_head_summary()
+    np.testing.assert_array_equal(_accuracy(loaded, held), got)
+    # a fine-tune refits on the union: 18 rows before, 4 new
+    tuned = finetune(loaded, held[:4], epochs=0)
+    assert len(tuned.acc_readouts[T].rows_y) == 18 + 4
+    assert tuned.acc_readouts[T].row_families.count("ofa_mbv3") == 14 + 4
+    assert len(loaded.acc_readouts[T].rows_y) == 18
+
+
+def test_forest_files_from_before_the_ridge_head_still_load(forest_pred, family_samples, tmp_path):
+    """Files written before the ridge head name their forests ``"forests": {target: width}``
+    and store no row families."""
+    path = forest_pred.save(tmp_path / "new.safetensors")
+    state = {k: v for k, v in load_file(str(path)).items() if not k.endswith("rows_family")}
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    config = json.loads(meta["config"])
+    readouts = config["acc_head"].pop("readouts")
+    config["acc_head"]["forests"] = {t: r["n_features"] for t, r in readouts.items()}
+    old = tmp_path / "old.safetensors"
+    save_file(state, str(old), metadata={**meta, "config": json.dumps(config)})
+    loaded = Predictor.load(old)
+    assert loaded.acc_readouts[T].kinds == ["forest"]
+    assert set(loaded.acc_readouts[T].row_families) == {""}
+    held = family_samples[14:22]
+    np.testing.assert_array_equal(_accuracy(loaded, held), _accuracy(forest_pred, held))
+    config["acc_head"]["readouts"] = {
+        T: {"kind": "boosted", "n_features": readouts[T]["n_features"]}
+    }
+    bad = tmp_path / "bad.safetensors"
+    save_file(state, str(bad), metadata={**meta, "config": json.dumps(config)})
+    with pytest.raises(PredictorError, match="unknown kind 'boosted'"):
+        Predictor.load(bad)

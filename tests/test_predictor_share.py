@@ -129,7 +129,10 @@ def test_predictor_trains_its_forest_on_shared_labels(two_task_samples, tmp_path
         for t in ("acc:a", "acc:b")
     }
     expected = shared_labels(arch, "acc:a", 1.0)
-    rows_plain, rows_shared = plain._forest_rows["acc:a"][1], shared._forest_rows["acc:a"][1]
+    rows_plain, rows_shared = (
+        plain.acc_readouts["acc:a"].rows_y,
+        shared.acc_readouts["acc:a"].rows_y,
+    )
     assert sorted(rows_plain) == pytest.approx(sorted(own.values()))
     assert sorted(rows_shared) == pytest.approx(sorted(expected.values()))
     assert not np.allclose(sorted(rows_plain), sorted(rows_shared))

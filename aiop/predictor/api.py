@@ -16,16 +16,17 @@ Targets and how they are learned:
   and is what :meth:`Predictor.predict` reports, the head's value is kept as
   ``flops_predicted`` for comparison with AIO-P's setting;
 * ``acc:<task>`` — a task metric (``stand`` or ``stand_flops``, AIO-P's
-  ``-tar_norm``). With ``acc_head="forest"`` a tree ensemble on the graph's block
-  readout (:mod:`aiop.predictor.blocks`, :mod:`aiop.predictor.forest`) answers it
-  instead of the network's head; fitted on every labelled graph, refitted on the
-  union when fine-tuned.
+  ``-tar_norm``). With ``acc_head="forest"`` or ``"ridge"`` a regressor on the graph's
+  block readout (:mod:`aiop.predictor.blocks`, :mod:`aiop.predictor.forest`,
+  :mod:`aiop.predictor.linear`) answers it instead of the network's head; ``"auto"``
+  picks one of the two per family by cross-validation (:mod:`aiop.predictor.acc_heads`).
+  Fitted on every labelled graph, refitted on the union when fine-tuned.
 
 The file format is one ``.safetensors`` file: the weights, plus JSON metadata
 naming the format, the CG feature version, the GNN spec, the normalisers and
-the validation error quantiles; an accuracy forest's trees (and the rows it was
-fitted on, so a fine-tune can refit on their union) are more tensors in the same
-file. Nothing is pickled.
+the validation error quantiles; an accuracy readout head's arrays (a forest's trees, a
+ridge's coefficients, and the rows it was fitted on, so a fine-tune can refit on their
+union) are more tensors in the same file. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -50,10 +51,19 @@ from aiop.cg.pyg import FEATURE_VERSION, NUM_NODE_FEATURES
 from aiop.cg.vocab import OP_VOCAB
 from aiop.mconfig import MConfig
 from aiop.mconfig.config import VECTOR_NAMES
+from aiop.predictor.acc_heads import (
+    ACC_HEADS,
+    READOUT_HEADS,
+    ReadoutHead,
+    ReadoutHeadError,
+    TargetReadout,
+    fit_head,
+    fit_target_readout,
+)
 from aiop.predictor.analytic import PlanCache, estimate_memory, structural_key
 from aiop.predictor.blocks import READOUT_NAMES, READOUT_VERSION, block_readout
 from aiop.predictor.features import ANALYTIC_NAMES, GraphFeaturizer, analytic_features
-from aiop.predictor.forest import DEFAULT_FOREST_KIND, FOREST_KINDS, ForestError, TreeEnsemble
+from aiop.predictor.forest import DEFAULT_FOREST_KIND, FOREST_KINDS
 from aiop.predictor.kernels import DEFAULT_KERNEL_MODEL, KernelModel, KernelModelError
 from aiop.predictor.latency import (
     HALF_PRECISIONS,
@@ -83,8 +93,6 @@ FORMAT = "aiop-predictor"
 FORMAT_VERSION = 1
 # Graphs whose analytic-model cache a predictor keeps (a server sees many graphs).
 PLAN_CACHE_GRAPHS = 32
-ACC_HEADS = ("gnn", "forest")
-FOREST_PREFIX = "acc_forest/"
 
 
 class PredictorError(ValueError):
@@ -291,20 +299,20 @@ class Predictor:
             raise PredictorError(f"forest_kind must be one of {FOREST_KINDS}, got {forest_kind!r}")
         if forest_trees < 1:
             raise PredictorError(f"forest_trees must be positive, got {forest_trees}")
-        # "gnn": the network's heads predict accuracy (AIO-P); "forest": a tree ensemble on the
-        # graph's block readout does (the network still learns every target)
+        # "gnn": the network's heads predict accuracy (AIO-P); "forest" / "ridge": a regressor
+        # on the graph's block readout does (the network still learns every target); "auto":
+        # whichever of the two cross-validates better, per family (acc_heads.choose_heads)
         self.acc_head = acc_head
         self.forest_kind = forest_kind
         self.forest_trees = forest_trees
         # cross-task label sharing (aiop.predictor.share): a weight ≥ 0, "cv" to pick one per
-        # task, or TASK=WEIGHT pairs; acc_share_chosen records what each task's forest used
+        # task, or TASK=WEIGHT pairs; acc_share_chosen records what each task's readout head used
         try:
             self.acc_share = check_acc_share(acc_share)
         except ValueError as exc:
             raise PredictorError(str(exc)) from None
         self.acc_share_chosen: dict[str, float] = {}
-        self.acc_forests: dict[str, TreeEnsemble] = {}
-        self._forest_rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.acc_readouts: dict[str, TargetReadout] = {}
         if latency_kind not in ("kernels", "terms"):
             raise PredictorError(f"latency_kind must be kernels or terms, got {latency_kind!r}")
         # "kernels": step latency as the sum of the device's kernel times (the default);
@@ -597,24 +605,33 @@ class Predictor:
         else:
             torch.manual_seed(self.seed)
         report = self._train_epochs(samples, self.epochs, seed_torch=False)
-        self.fit_acc_forest(samples, extend=not fresh)
+        self.fit_acc_readout(samples, extend=not fresh)
         return report
 
-    # -- the accuracy forest ---------------------------------------------------------
+    # -- the accuracy readout head ------------------------------------------------------
     @staticmethod
     def acc_features(
         cg: ComputeGraph, configs: Sequence[MConfig], readout: np.ndarray | None = None
     ) -> np.ndarray:
-        """``[len(configs), readout + config vector]``: what the accuracy forest reads
+        """``[len(configs), readout + config vector]``: what an accuracy readout head reads
         (``readout``: ``cg``'s :func:`block_readout`, when already computed)."""
         readout = block_readout(cg) if readout is None else readout
         return np.stack([np.concatenate([readout, c.as_vector()]) for c in configs])
 
-    def fit_acc_forest(self, samples: Sequence[Sample], extend: bool = False) -> None:
-        """(Re)fit one forest per accuracy target on ``samples`` (with ``extend``: on them and
-        the rows the forest was fitted on before). Does nothing unless ``acc_head="forest"``.
-        With ``acc_share`` the labels are first blended across tasks (:mod:`.share`)."""
-        if self.acc_head != "forest":
+    def _fit_readout(
+        self, kind: str, x: np.ndarray, y: np.ndarray, trees: int | None = None
+    ) -> ReadoutHead:
+        return fit_head(
+            kind, x, y, forest_kind=self.forest_kind, trees=trees or self.forest_trees,
+            seed=self.seed,
+        )  # fmt: skip
+
+    def fit_acc_readout(self, samples: Sequence[Sample], extend: bool = False) -> None:
+        """(Re)fit each accuracy target's readout heads on ``samples`` (with ``extend``: on
+        them and the rows fitted before). Does nothing with ``acc_head="gnn"``. With
+        ``acc_share`` the labels are first blended across tasks (:mod:`.share`); with
+        ``acc_head="auto"`` the head of each family is chosen again on the rows fitted."""
+        if self.acc_head not in (*READOUT_HEADS, "auto"):
             return
         acc_targets = [t for t in self.targets if t.startswith("acc:")]
         # target -> graph -> (cg, family, configs, labels)
@@ -628,34 +645,47 @@ class Predictor:
                     ys.append(float(s.labels[t]))
         shifts = self._shared_label_shifts(graphs)
         for t in acc_targets:
-            parts = [
-                (self.acc_features(cg, cfgs), np.asarray(ys) + shifts.get(t, {}).get(g, 0.0))
-                for g, (cg, _, cfgs, ys) in graphs[t].items()
-            ]
-            xs = [p[0] for p in parts]
-            ys = [np.asarray(p[1], dtype=np.float64) for p in parts]
-            if extend and t in self._forest_rows:
-                xs.insert(0, self._forest_rows[t][0])
-                ys.insert(0, self._forest_rows[t][1])
-            if not xs or sum(len(y) for y in ys) < 2:
-                log.warning("%s: fewer than 2 labelled rows, no accuracy forest", t)
+            xs, ys, fams = [], [], []
+            if extend and t in self.acc_readouts:
+                before = self.acc_readouts[t]
+                xs, ys, fams = [before.rows_x], [before.rows_y], before.row_families
+            for g, (cg, family, cfgs, labels) in graphs[t].items():
+                xs.append(self.acc_features(cg, cfgs))
+                ys.append(np.asarray(labels, dtype=np.float64) + shifts.get(t, {}).get(g, 0.0))
+                fams = [*fams, *[family] * len(labels)]
+            if sum(len(y) for y in ys) < 2:
+                log.warning("%s: fewer than 2 labelled rows, no accuracy readout head", t)
                 continue
-            x, y = np.concatenate(xs), np.concatenate(ys)
             try:
-                forest = TreeEnsemble.fit(
-                    x, y, kind=self.forest_kind, trees=self.forest_trees, seed=self.seed
-                )
-            except ForestError as exc:
+                readout = fit_target_readout(
+                    self.acc_head, np.concatenate(xs), np.concatenate(ys), fams,
+                    self._fit_readout, n_readout=len(READOUT_NAMES), seed=self.seed,
+                    cv_fit=lambda k, x, y: self._fit_readout(k, x, y, min(self.forest_trees, 100)),
+                )  # fmt: skip
+            except ReadoutHeadError as exc:
                 raise PredictorError(f"{t}: {exc}") from None
-            self._forest_rows[t] = (x, y)
-            self.acc_forests[t] = forest
+            if readout.scores:
+                log.info(
+                    "%s: accuracy head %s, per family %s (fold SRCC %s)",
+                    t, readout.default, readout.by_family, readout.scores,
+                )  # fmt: skip
+            self.acc_readouts[t] = readout
+
+    def acc_head_summary(self) -> dict[str, dict[str, Any]]:
+        """target -> the readout head it answers with, per family where ``auto`` chose one,
+        and the fold SRCC behind the choice."""
+        return {
+            t: {k: v for k, v in r.to_json().items() if k not in ("n_features", "families")}
+            for t, r in self.acc_readouts.items()
+        }
 
     def _shared_label_shifts(
         self, graphs: dict[str, dict[int, tuple[ComputeGraph, str, list[MConfig], list[float]]]]
     ) -> dict[str, dict[int, float]]:
         """target -> graph -> what cross-task sharing adds to the graph's labels (none at
         ``acc_share=0``). Graphs are matched across targets by ``cg.meta["model"]``; a model
-        with two graphs under one target is not shared."""
+        with two graphs under one target is not shared. The weight ``cv`` is chosen with the
+        ridge for ``acc_head="ridge"`` and the forest otherwise."""
         if all(share_for(self.acc_share, t) == 0 for t in graphs) or len(graphs) < 2:
             return {}
         arch: dict[str, dict[str, tuple[str, float]]] = {}
@@ -670,6 +700,7 @@ class Predictor:
                 m: (by_graph[g][1], float(np.mean(by_graph[g][3]))) for m, g in graph_of[t].items()
             }
         shifts: dict[str, dict[int, float]] = {}
+        cv_kind = "ridge" if self.acc_head == "ridge" else "forest"
         for t, models in graph_of.items():
             share = share_for(self.acc_share, t)
             if not models or share == 0:
@@ -679,11 +710,11 @@ class Predictor:
                         for m, g in models.items()}  # fmt: skip
 
                 def fit_predict(train, ys, test, rows=rows):
-                    forest = TreeEnsemble.fit(
-                        np.stack([rows[m] for m in train]), np.asarray(ys),
-                        kind=self.forest_kind, trees=min(self.forest_trees, 100), seed=self.seed,
+                    head = self._fit_readout(
+                        cv_kind, np.stack([rows[m] for m in train]), np.asarray(ys),
+                        min(self.forest_trees, 100),
                     )  # fmt: skip
-                    return forest.predict(np.stack([rows[m] for m in test]))
+                    return head.predict(np.stack([rows[m] for m in test]))
 
                 lam, scores = choose_share(arch, t, fit_predict, seed=self.seed)
                 log.info("%s: cross-task sharing %.2f (fold SRCC by weight: %s)", t, lam, scores)
@@ -694,25 +725,26 @@ class Predictor:
             shifts[t] = {g: blended[m] - arch[t][m][1] for m, g in models.items()}
         return shifts
 
-    def _forest_accuracy(
+    def _readout_accuracy(
         self, cg: ComputeGraph, configs: Sequence[MConfig]
     ) -> dict[str, np.ndarray]:
-        """Each forest's prediction per configuration. A forest none of whose splits reads
-        the configuration vector (accuracy labels measured under one configuration) is asked
+        """Each readout head's prediction per configuration. A head that does not read the
+        configuration vector (accuracy labels measured under one configuration) is asked
         once per graph."""
-        if not self.acc_forests:
+        if not self.acc_readouts:
             return {}
         readout = block_readout(cg)
         rows: np.ndarray | None = None
         out = {}
-        for t, forest in self.acc_forests.items():
-            if forest.max_feature_used >= len(readout):
+        for t, target in self.acc_readouts.items():
+            _, head = target.head_for(readout)
+            if head.max_feature_used >= len(readout):
                 if rows is None:
                     rows = self.acc_features(cg, configs, readout)
-                out[t] = forest.predict(rows)
+                out[t] = head.predict(rows)
             else:
                 one = self.acc_features(cg, configs[:1], readout)
-                out[t] = np.repeat(forest.predict(one), len(configs))
+                out[t] = np.repeat(head.predict(one), len(configs))
         return out
 
     def calibrate(self, samples: Sequence[Sample]) -> dict[str, dict[str, float]]:
@@ -828,7 +860,7 @@ class Predictor:
         decoded = {
             t: self.normalizers[t].inverse(out[t].numpy().astype(np.float64), flops) for t in out
         }
-        forest_acc = self._forest_accuracy(cg, configs)
+        readout_acc = self._readout_accuracy(cg, configs)
         for k, (c, est) in enumerate(zip(configs, estimates)):
             r: dict[str, Any] = {"config": c.format()}
             if "memory" in decoded and self._ratio("memory"):
@@ -852,7 +884,7 @@ class Predictor:
                 r["flops_predicted"] = float(decoded["flops"][k])
             for t in decoded:
                 if t.startswith("acc:"):
-                    value = forest_acc[t][k] if t in forest_acc else decoded[t][k]
+                    value = readout_acc[t][k] if t in readout_acc else decoded[t][k]
                     r.setdefault("accuracy", {})[t[4:]] = float(value)
             results.append(r)
         return results
@@ -877,7 +909,9 @@ class Predictor:
                 "share": self.acc_share,
                 "share_chosen": self.acc_share_chosen,
                 "readout_version": READOUT_VERSION,
-                "forests": {t: f.n_features for t, f in self.acc_forests.items()},
+                # target -> its heads' kinds, width and families (files before the ridge
+                # head wrote "forests": target -> width)
+                "readouts": {t: r.to_json() for t, r in self.acc_readouts.items()},
             },
         }
 
@@ -905,9 +939,11 @@ class Predictor:
         self.acc_share_chosen = {t: float(v) for t, v in (head.get("share_chosen") or {}).items()}
         if self.acc_head not in ACC_HEADS:
             raise PredictorError(f"unknown accuracy head {self.acc_head!r}")
-        if head.get("forests") and head.get("readout_version") != READOUT_VERSION:
+        if (head.get("readouts") or head.get("forests")) and head.get(
+            "readout_version"
+        ) != READOUT_VERSION:
             raise PredictorError(
-                f"the predictor's accuracy forests read block readout version "
+                f"the predictor's accuracy readout heads read block readout version "
                 f"{head.get('readout_version')}, this aiop computes {READOUT_VERSION}: retrain it"
             )
         width = len(ANALYTIC_NAMES) if self.analytic else 0
@@ -932,38 +968,36 @@ class Predictor:
                 }
             ),
         }
-        return write_weights(path, {**model.state_dict(), **self._forest_tensors()}, meta)
+        return write_weights(path, {**model.state_dict(), **self._readout_tensors()}, meta)
 
-    def _forest_tensors(self) -> dict[str, torch.Tensor]:
+    def _readout_tensors(self) -> dict[str, torch.Tensor]:
         state: dict[str, torch.Tensor] = {}
-        for t, forest in self.acc_forests.items():
-            state.update(forest.to_tensors(f"{FOREST_PREFIX}{t}/"))
-            x, y = self._forest_rows[t]
-            state[f"{FOREST_PREFIX}{t}/rows_x"] = torch.from_numpy(np.ascontiguousarray(x))
-            state[f"{FOREST_PREFIX}{t}/rows_y"] = torch.from_numpy(np.ascontiguousarray(y))
+        for t, readout in self.acc_readouts.items():
+            state.update(readout.to_tensors(t))
         return state
 
-    def _restore_forests(self, config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
-        """Take the accuracy forests' tensors out of ``state`` (the rest is the network's)."""
-        forests = (config.get("acc_head") or {}).get("forests") or {}
+    def _restore_readouts(self, config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+        """Take the accuracy readout heads' tensors out of ``state`` (the rest is the
+        network's)."""
+        head = config.get("acc_head") or {}
+        readouts = head.get("readouts")
+        if readouts is None:  # a file from before the ridge head: forests only
+            readouts = {t: {"kind": "forest", "n_features": n}
+                        for t, n in (head.get("forests") or {}).items()}  # fmt: skip
         width = len(READOUT_NAMES) + len(VECTOR_NAMES)
-        for t, n_features in forests.items():
-            if n_features != width:
+        for t, entry in readouts.items():
+            if entry["n_features"] != width:
                 raise PredictorError(
-                    f"accuracy forest {t} reads {n_features} features, this aiop gives "
-                    f"{width}: retrain it"
+                    f"accuracy {entry['kind']} {t} reads {entry['n_features']} features, this "
+                    f"aiop gives {width}: retrain it"
                 )
-            prefix = f"{FOREST_PREFIX}{t}/"
             try:
-                self.acc_forests[t] = TreeEnsemble.from_tensors(state, prefix, n_features)
-                x = state[prefix + "rows_x"].numpy()
-                y = state[prefix + "rows_y"].numpy()
-            except (ForestError, KeyError) as exc:
-                raise PredictorError(f"accuracy forest {t}: {exc}") from None
-            if x.ndim != 2 or x.shape != (len(y), n_features):
-                raise PredictorError(f"accuracy forest {t}: rows of the wrong shape {x.shape}")
-            self._forest_rows[t] = (x, y)
-        for key in [k for k in state if k.startswith(FOREST_PREFIX)]:
+                self.acc_readouts[t] = TargetReadout.from_saved(
+                    entry, state, t, n_readout=len(READOUT_NAMES)
+                )
+            except ReadoutHeadError as exc:
+                raise PredictorError(f"accuracy {entry['kind']} {t}: {exc}") from None
+        for key in [k for k in state if any(k.startswith(f"acc_{r}/") for r in READOUT_HEADS)]:
             del state[key]
 
     @classmethod
@@ -977,7 +1011,7 @@ class Predictor:
             pred._restore_state_json(config)
             if config.get("vocabulary") != list(OP_VOCAB):
                 raise PredictorError(f"{path}: op vocabulary differs from this aiop's")
-            pred._restore_forests(config, state)
+            pred._restore_readouts(config, state)
             model = PerformanceGNN(spec)
             model.load_state_dict(state)
         except PredictorError as exc:

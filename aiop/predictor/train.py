@@ -499,9 +499,8 @@ def clone_predictor(pred: Predictor) -> Predictor:
     new.targets = list(pred.targets)
     new.error_quantiles = copy.deepcopy(pred.error_quantiles)
     new.meta = copy.deepcopy(pred.meta)
-    # fitted forests are replaced, never modified: a new dict keeps the clone's refits apart
-    new.acc_forests = dict(pred.acc_forests)
-    new._forest_rows = dict(pred._forest_rows)
+    # fitted readout heads are replaced, never modified: new dicts keep the clone's refits apart
+    new.acc_readouts = dict(pred.acc_readouts)
     return new
 
 
@@ -545,9 +544,9 @@ def finetune(
     custom = params != "all" or relevel or rank_weight > 0 or select_folds >= 2
     if not custom:  # AIO-P's fine-tune, bit for bit as before
         if epochs > 0 and labelled:
-            new.fit(labelled, finetune=True)  # refits the accuracy forest on the union too
+            new.fit(labelled, finetune=True)  # refits the accuracy readout head on the union too
         elif labelled:
-            new.fit_acc_forest(labelled, extend=True)
+            new.fit_acc_readout(labelled, extend=True)
         return new
     seed = pred.seed if seed is None else seed
     stop = epochs
@@ -563,7 +562,7 @@ def finetune(
     if stop > 0 and labelled:
         _finetune_loop(new, labelled, epochs, stop, params, rank_weight, seed)
     if labelled:
-        new.fit_acc_forest(labelled, extend=True)
+        new.fit_acc_readout(labelled, extend=True)
     new.meta.setdefault("finetune", []).append(
         {
             "epochs": stop,
@@ -956,7 +955,7 @@ def fit_predictor(
     else:
         report = pred.fit(z)
     if family or (rank_weight > 0 and accs):
-        pred.fit_acc_forest(samples)  # on the labels themselves, not the z-scores
+        pred.fit_acc_readout(samples)  # on the labels themselves, not the z-scores
     if not family:
         return report
     ref = {}
