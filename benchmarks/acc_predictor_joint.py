@@ -14,10 +14,10 @@ same split seed). The GNN then trains, per ``n`` in ``--ns`` and per seed, on
   which block of which stage exists) plus log FLOPs and parameters. It shows how far the
   labels can be ranked from ``n`` architectures when the slot identity is explicit,
 
-and is scored on the same test set (SRCC, Kendall τ, MAPE). ``--acc_head forest`` runs
-``joint`` and ``family`` with the predictor's accuracy forest on the graph's block readout
-(``Predictor(acc_head="forest")``) instead of the network's heads; the network's training
-does not change the forest's answer, so ``--epochs 0`` skips it. The pool's order is fixed, so
+and is scored on the same test set (SRCC, Kendall τ, MAPE). ``--acc_head forest`` (``ridge``,
+``auto``) runs ``joint`` and ``family`` with the predictor's accuracy readout head on the
+graph's block readout (``Predictor(acc_head=...)``) instead of the network's heads; the
+network's training does not change the head's answer, so ``--epochs 0`` skips it. The pool's order is fixed, so
 the ``n`` sets are nested and the curves differ only by how much of T the network saw.
 
     python benchmarks/acc_predictor_joint.py --store data/task_labels.db \
@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import write_results
 
+from aiop.predictor.acc_heads import ACC_HEADS
 from aiop.predictor.forest import DEFAULT_FOREST_KIND, FOREST_KINDS
 
 TARGET_SRCC = 0.8  # issue #5: SRCC within a family on held-out architectures
@@ -69,13 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gnn", default="default")
     p.add_argument("--pos_enc", type=int, default=0, help="GNNSpec.pos_enc (node positions)")
     p.add_argument("--acc_norm", default="global", choices=["global", "family"])
-    p.add_argument("--acc_head", default="gnn", choices=["gnn", "forest"])
+    p.add_argument("--acc_head", default="gnn", choices=list(ACC_HEADS))
     p.add_argument("--forest_kind", default=DEFAULT_FOREST_KIND, choices=FOREST_KINDS)
     p.add_argument("--forest_trees", type=int, default=200)
     p.add_argument(
         "--acc_share",
         default="0",
-        help="--acc_head forest: cross-task label sharing weight, or 'cv' (aiop.predictor.share)",
+        help="--acc_head forest/ridge/auto: cross-task label sharing weight, or 'cv' "
+        "(aiop.predictor.share)",
     )
     p.add_argument(
         "--share_tasks",
@@ -96,9 +98,14 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     keys += ("gnn", "pos_enc", "acc_norm")
     if args.acc_head != "gnn":  # older result files have no such keys: they still resume
         keys += ("acc_head", "forest_kind", "forest_trees")
-    if args.acc_share not in ("0", 0, 0.0):  # likewise
+    if _shares(args):  # likewise
         keys += ("acc_share", "share_tasks")
     return {k: getattr(args, k) for k in keys}
+
+
+def _shares(args: argparse.Namespace) -> bool:
+    """Whether --acc_share asks for any cross-task sharing."""
+    return args.acc_share not in ("0", 0, 0.0)
 
 
 def _run_key(run: dict[str, Any]) -> tuple[Any, ...]:
@@ -119,10 +126,16 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _markdown(args: argparse.Namespace, summary: dict[str, Any], meta: dict[str, Any]) -> str:
     head = "the network's head"
-    if args.acc_head == "forest":
-        head = f"the predictor's forest on the block readout ({args.forest_kind}, "
-        head += f"{args.forest_trees} trees)"
-        if args.acc_share not in ("0", 0, 0.0):
+    if args.acc_head != "gnn":
+        head = {
+            "forest": f"the predictor's forest on the block readout ({args.forest_kind}, "
+            f"{args.forest_trees} trees)",
+            "ridge": "the predictor's standardised ridge on the block readout",
+            "auto": f"the predictor's forest ({args.forest_kind}, {args.forest_trees} trees) "
+            "or ridge on the block readout, whichever cross-validates better (each run in "
+            "the runs file records which)",
+        }[args.acc_head]
+        if _shares(args):
             head += (
                 f", its training labels shared with the same architectures' "
                 f"{', '.join(args.share_tasks)} labels at weight {args.acc_share}"
@@ -308,6 +321,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         if var != "forest" and pred.acc_share_chosen:
             run["acc_share_chosen"] = pred.acc_share_chosen.get(target)
+        if var != "forest" and args.acc_head == "auto":
+            run["acc_head"] = pred.acc_head_summary().get(target)
         runs.append(run)
         with runs_path.open("a") as fh:  # one line per finished run: a killed study resumes
             fh.write(json.dumps(run) + "\n")

@@ -6,11 +6,14 @@ on the other families' architectures as well, as the predictor does) and scores 
 SRCC on the held-out rest, for every split seed in ``--split_seeds``; the spread over
 splits is the test set's own noise, which one split hides. Regressors: the predictor's
 forests (:class:`aiop.predictor.forest.TreeEnsemble`, extra / random), scikit-learn's
-gradient boosting and a standardised ridge (its alpha by leave-one-out). With
+gradient boosting, the predictor's standardised ridge (:class:`aiop.predictor.linear.
+RidgeReadout`, its alpha by leave-one-out) and the predictor's ``acc_head="auto"`` (the
+random forest or the ridge, whichever :func:`aiop.predictor.acc_heads.choose_heads`
+cross-validates better on the training architectures of the held-out graph's family). With
 ``--test_acc_mode`` the regressors learn from one label set and are scored against another,
 a seed replicate of it (``replicate-v6-seed1``) or their mean (``A+B``): how much of a
-ranking is the training labels' own seed. A question the accuracy forest raised, not a
-product path: the predictor ships only the forests::
+ranking is the training labels' own seed. The predictor ships the forests, the ridge and
+``auto``; gradient boosting and the extremely randomised trees are references::
 
     OMP_NUM_THREADS=1 python benchmarks/acc_readout_regressors.py --task classification \\
         --acc_mode classification=individual-v6 --family ofa_mbv3 --n 150 \\
@@ -65,11 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 def regressors() -> dict[str, Callable[[np.ndarray, np.ndarray], Callable[[np.ndarray], Any]]]:
     """Each regressor as fit(x, y) -> predict."""
     from sklearn.ensemble import GradientBoostingRegressor
-    from sklearn.linear_model import RidgeCV
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     from aiop.predictor.forest import TreeEnsemble
+    from aiop.predictor.linear import RidgeReadout
 
     def forest(kind: str):
         return lambda x, y: TreeEnsemble.fit(x, y, kind=kind, trees=200).predict
@@ -81,8 +82,7 @@ def regressors() -> dict[str, Callable[[np.ndarray, np.ndarray], Callable[[np.nd
         return m.fit(x, y).predict
 
     def ridge(x, y):
-        m = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 25)))
-        return m.fit(x, y).predict
+        return RidgeReadout.fit(x, y).predict
 
     return {
         "forest (extra)": forest("extra"),
@@ -93,6 +93,7 @@ def regressors() -> dict[str, Callable[[np.ndarray, np.ndarray], Callable[[np.nd
 
 
 SHARED = "forest (random), shared"
+AUTO = "auto (forest or ridge per family by CV)"
 DEFAULT_FOREST = "forest (random, the default)"
 
 
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from scipy.stats import spearmanr
 
+    from aiop.predictor.acc_heads import fit_head, fit_target_readout
     from aiop.predictor.blocks import block_readout
     from aiop.predictor.forest import TreeEnsemble
     from aiop.predictor.share import check_acc_share, choose_share, shared_labels
@@ -154,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     readout = {id(s.cg): block_readout(s.cg) for s in samples}
     models = regressors()
-    scores: dict[str, list[float]] = {k: [] for k in models}
+    scores: dict[str, list[float]] = {k: [] for k in [*models, AUTO]}
+    auto_chosen: list[str] = []  # the head acc_head="auto" picked, per split
     scores.update({f"{SHARED} {w}": [] for w in weights})
     chosen: list[float] = []  # the weight "cv" picked, per split
     sizes: list[int] = []
@@ -187,6 +190,14 @@ def main(argv: list[str] | None = None) -> int:
         sizes.append(len(test))
         for name, fit in models.items():
             scores[name].append(_srcc(fit(x[:, keep], y)(xt[:, keep]), yt))
+        auto = fit_target_readout(
+            "auto", x[:, keep], y, [s.family for s in pool],
+            lambda k, xx, yy: fit_head(k, xx, yy, forest_kind="random", trees=200, seed=0),
+            n_readout=int(keep.sum()),
+            cv_fit=lambda k, xx, yy: fit_head(k, xx, yy, forest_kind="random", trees=100, seed=0),
+        )  # fmt: skip
+        auto_chosen.append(auto.by_family.get(args.family, auto.default))
+        scores[AUTO].append(_srcc(auto.predict(xt[:, keep]), yt))
         if weights:
             pool_models = [s.cg.meta.get("model") for s in pool]
             if len(set(pool_models) - {None}) != len(pool):
@@ -224,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         "test_acc_tags": acc_tags(test_mode, [args.task]),
         "label_agreement": agreement,
         "share_cv_chosen": chosen,
+        "auto_chosen": auto_chosen,
         "test_sizes": sizes,
         "srcc": scores,
         "mean": {k: _nan_stat(np.nanmean, v) for k, v in scores.items()},
@@ -261,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
     lines += [
+        f'`{AUTO}`: the predictor\'s `acc_head="auto"`; it answered {args.family} with '
+        f"{' / '.join(auto_chosen)} (per split).",
+        "",
         "| regressor | SRCC mean ± std | per split |",
         "|---|---|---|",
     ]

@@ -21,7 +21,9 @@ beat the zero-shot ranking (benchmarks/results/acc_predictor_v4_joint/README.md)
 ``-acc_head forest`` answers the accuracy targets with a tree ensemble on each graph's block
 readout (stages and blocks found in the CG; ``aiop.predictor.blocks``) instead of the
 network's heads; with ``-fine_tune_joint`` (or any fine-tune) the ``#N`` architectures join
-its training rows. Measured: benchmarks/results/acc_predictor_v5_forest/README.md::
+its training rows; ``-acc_head ridge`` uses a standardised ridge instead, ``-acc_head auto``
+whichever of the two cross-validates better per target (``aiop.predictor.acc_heads``).
+Measured: benchmarks/results/acc_predictor_v5_forest/README.md::
 
     python scripts/run_gpi_acc_predictor.py -cache_file data/task_labels.db \
         -family_test 'ofa_mbv3#150' -targets acc:classification -acc_head forest \
@@ -56,6 +58,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from aiop.predictor.acc_heads import ACC_HEADS
 from aiop.predictor.forest import DEFAULT_FOREST_KIND, FOREST_KINDS
 from aiop.predictor.share import check_acc_share
 from aiop.predictor.train import (
@@ -184,19 +187,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-acc_head",
         default="gnn",
-        choices=["gnn", "forest"],
-        help="what answers accuracy targets: the network's heads (AIO-P) or a tree ensemble "
-        "on the graph's block readout (it ranks a family from labelled architectures of that "
-        "family, -fine_tune_joint; zero-shot it does not transfer)",
+        choices=list(ACC_HEADS),
+        help="what answers accuracy targets: the network's heads (AIO-P), or a tree ensemble "
+        "(forest) or standardised ridge (ridge) on the graph's block readout, or whichever of "
+        "the two cross-validates better per target (auto); a readout head ranks a family from "
+        "labelled architectures of that family (-fine_tune_joint), zero-shot it does not "
+        "transfer",
     )
     p.add_argument("-forest_kind", default=DEFAULT_FOREST_KIND, choices=FOREST_KINDS)
-    p.add_argument("-forest_trees", type=int, default=200, help="trees of -acc_head forest")
+    p.add_argument(
+        "-forest_trees", type=int, default=200, help="trees of -acc_head forest (or auto)"
+    )
     p.add_argument(
         "-acc_share",
         default="0",
-        help="-acc_head forest: blend each task's training labels with the same architectures' "
-        "labels on the other -targets tasks at this weight (0: none), or 'cv' to pick the "
-        "weight per task by 5-fold cross-validation, or TASK=WEIGHT pairs "
+        help="-acc_head forest/ridge/auto: blend each task's training labels with the same "
+        "architectures' labels on the other -targets tasks at this weight (0: none), or 'cv' "
+        "to pick the weight per task by 5-fold cross-validation, or TASK=WEIGHT pairs "
         "('semantic=0.5,detection=0.25': other tasks unshared; aiop.predictor.share)",
     )
     p.add_argument("-num_seeds", type=int, default=2)
@@ -261,10 +268,12 @@ def _check_args(args: argparse.Namespace) -> None:
             "-fine_tune_joint trains on the #N architectures itself; it does not combine with "
             "-fine_tune_epochs, -fine_tune_relevel or -k_adapt"
         )
-    if args.acc_head == "forest" and args.k_adapt is not None:
-        raise UsageError("-acc_head forest has no K-adapters: drop -k_adapt")
-    if args.acc_head != "forest" and args.acc_share != 0:
-        raise UsageError("-acc_share shares the accuracy forest's labels: add -acc_head forest")
+    if args.acc_head != "gnn" and args.k_adapt is not None:
+        raise UsageError(f"-acc_head {args.acc_head} has no K-adapters: drop -k_adapt")
+    if args.acc_head == "gnn" and args.acc_share != 0:
+        raise UsageError(
+            "-acc_share shares a readout head's labels: add -acc_head forest, ridge or auto"
+        )
     if args.k_adapt is not None and not args.family_k:
         raise UsageError("-k_adapt needs -family_k FAMILY [FAMILY ...] to train adapters on")
 
@@ -353,6 +362,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pairs: dict[tuple[str, str, str], tuple[list[float], list[float]]] = {}
     steps = args.num_seeds * (1 + len(held))
     selections: dict[str, list[dict[str, Any]]] = {}  # fine-tune epochs chosen per seed
+    heads: list[dict[str, Any]] = []  # -acc_head forest/ridge/auto: the head per target
     bar = tqdm(total=steps, desc=args.model_name, disable=args.quiet)
     t0 = time.perf_counter()
 
@@ -388,6 +398,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not split.train:
             raise UsageError("no training samples in -family_train")
         fit_predictor(base, train, args.acc_norm, args.acc_rank_weight)
+        if base.acc_readouts:  # which readout head answers each accuracy target
+            heads.append({"seed": seed, "targets": base.acc_head_summary()})
         if args.save_predictor and i == 0:
             base.save(out_dir / f"{args.model_name}_seed{seed}.safetensors")
         kp = None
@@ -453,6 +465,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if selections:
         result["finetune_selection"] = selections
+    if heads:
+        result["acc_heads"] = heads
     for family, t in sorted({(f, t) for f, _, t in pairs}):
         # one plot per (family, target), its variants as series
         series = {v: pairs[(family, v, t)] for v in VARIANTS if (family, v, t) in pairs}
