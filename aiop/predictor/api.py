@@ -645,14 +645,16 @@ class Predictor:
                     ys.append(float(s.labels[t]))
         shifts = self._shared_label_shifts(graphs)
         for t in acc_targets:
-            xs, ys, fams = [], [], []
+            xs: list[np.ndarray] = []
+            ys: list[np.ndarray] = []
+            fams: list[str] = []  # each row's family: auto chooses, and routes, by it
             if extend and t in self.acc_readouts:
                 before = self.acc_readouts[t]
                 xs, ys, fams = [before.rows_x], [before.rows_y], before.row_families
             for g, (cg, family, cfgs, labels) in graphs[t].items():
                 xs.append(self.acc_features(cg, cfgs))
                 ys.append(np.asarray(labels, dtype=np.float64) + shifts.get(t, {}).get(g, 0.0))
-                fams = [*fams, *[family] * len(labels)]
+                fams.extend([family] * len(labels))
             if sum(len(y) for y in ys) < 2:
                 log.warning("%s: fewer than 2 labelled rows, no accuracy readout head", t)
                 continue
