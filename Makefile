@@ -56,8 +56,9 @@ task-labels: venv
 	$(LABEL) -family ofa_mbv3 ofa_pn ofa_resnet -task classification -num_archs 200
 	$(LABEL) -family ofa_mbv3 ofa_pn ofa_resnet -task pose -num_archs 200
 	$(LABEL) -family ofa_mbv3 ofa_pn ofa_resnet -task semantic detection -num_archs 200
-	$(LABEL) -family ofa_resnet -task semantic -num_archs 400
+	$(LABEL) -family ofa_resnet -task semantic detection -num_archs 400
 	$(LABEL) -family ofa_pn -task panoptic instance -num_archs 200
+	$(LABEL) -family ofa_pn -task instance -num_archs 400
 	$(LABEL) -family ofa_mbv3 -task panoptic -num_archs 100
 	$(LABEL) -family ofa_mbv3 ofa_pn ofa_resnet -task panoptic instance -num_archs 30
 
