@@ -17,8 +17,9 @@ same split seed). The GNN then trains, per ``n`` in ``--ns`` and per seed, on
 and is scored on the same test set (SRCC, Kendall τ, MAPE). ``--acc_head forest`` (``ridge``,
 ``auto``) runs ``joint`` and ``family`` with the predictor's accuracy readout head on the
 graph's block readout (``Predictor(acc_head=...)``) instead of the network's heads; the
-network's training does not change the head's answer, so ``--epochs 0`` skips it. The pool's order is fixed, so
-the ``n`` sets are nested and the curves differ only by how much of T the network saw.
+network's training does not change the head's answer, so ``--epochs 0`` skips it. The
+pool's order is fixed, so the ``n`` sets are nested and the curves differ only by how much
+of T the network saw.
 
     python benchmarks/acc_predictor_joint.py --store data/task_labels.db \
         --task classification --families ofa_mbv3 ofa_pn --n_max 150 --ns 0 20 50 100 150
