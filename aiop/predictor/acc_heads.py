@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ import torch
 
 from aiop.predictor.forest import ForestError, TreeEnsemble
 from aiop.predictor.linear import RidgeError, RidgeReadout
+from aiop.predictor.metrics import _rank_corr
 
 READOUT_HEADS = ("forest", "ridge")
 ACC_HEADS = ("gnn", *READOUT_HEADS, "auto")
@@ -83,12 +85,10 @@ def head_from_tensors(
     raise ReadoutHeadError(f"unknown readout head {kind!r}; choose {', '.join(READOUT_HEADS)}")
 
 
-def _srcc(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy.stats import spearmanr
-
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
-        return float("nan")
-    return float(spearmanr(a, b)[0])
+def _mean_scored(values: Sequence[float]) -> float:
+    """The mean of the fold scores that ranked something (NaN: none did)."""
+    arr = np.asarray(values, dtype=np.float64)
+    return float(np.nanmean(arr)) if np.isfinite(arr).any() else float("nan")
 
 
 def _pick(per_fold: Mapping[str, Sequence[float]], kinds: Sequence[str]) -> str:
@@ -98,8 +98,7 @@ def _pick(per_fold: Mapping[str, Sequence[float]], kinds: Sequence[str]) -> str:
     semantic segmentation, where the ridge led on every split by 0.02-0.06."""
     best, best_score = kinds[0], -np.inf
     for kind in kinds:
-        folds = np.asarray(per_fold[kind], dtype=np.float64)
-        score = float(np.nanmean(folds)) if np.isfinite(folds).any() else -np.inf
+        score = _mean_scored(per_fold[kind])  # NaN never beats
         if score > best_score:
             best, best_score = kind, score
     return best
@@ -161,27 +160,23 @@ def choose_heads(
                 gs = [g for g in held if families[g] == family]
                 rho = float("nan")
                 if len(gs) >= 3:
-                    rho = _srcc(
-                        np.array([mean_pred[g] for g in gs]), np.array([mean_true[g] for g in gs])
+                    rho = _rank_corr(
+                        "srcc",
+                        np.array([mean_true[g] for g in gs]),
+                        np.array([mean_pred[g] for g in gs]),
                     )
                 per_fold[kind][family].append(rho)
-    overall = {k: [float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
-                   for v in zip(*per_fold[k].values())] for k in kinds}  # fmt: skip
+    overall = {k: [_mean_scored(v) for v in zip(*per_fold[k].values())] for k in kinds}
     choice = HeadChoice(
-        default=_pick(overall, kinds),
-        scores={k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
-                for k, v in overall.items()},
-    )  # fmt: skip
+        default=_pick(overall, kinds), scores={k: _mean_scored(v) for k, v in overall.items()}
+    )
     count = {f: sum(families[g] == f for g in ids) for f in names}
     for family in names:
         if count[family] < 3 * folds:
             continue
         fam_folds = {k: per_fold[k][family] for k in kinds}
         choice.by_family[family] = _pick(fam_folds, kinds)
-        choice.family_scores[family] = {
-            k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
-            for k, v in fam_folds.items()
-        }
+        choice.family_scores[family] = {k: _mean_scored(v) for k, v in fam_folds.items()}
     return choice
 
 
@@ -225,13 +220,19 @@ class TargetReadout:
         """The highest feature any head reads (past ``n_readout``: the configuration)."""
         return max(h.max_feature_used for h in self.heads.values())
 
+    @cached_property
+    def _block_scale(self) -> np.ndarray:
+        """Each block-readout column's spread over the rows (1 where constant): computed once,
+        not per prediction (the rows are never changed in place; a refit makes a new one)."""
+        scale = self.rows_x[:, : self.n_readout].std(axis=0)
+        scale[scale == 0] = 1.0
+        return scale
+
     def family_of(self, readout: np.ndarray) -> str:
         """The family of the training row nearest to ``readout`` (the block readout alone,
         each column scaled by its spread over the rows)."""
         block = self.rows_x[:, : self.n_readout]
-        scale = block.std(axis=0)
-        scale[scale == 0] = 1.0
-        dist = (((block - readout[: self.n_readout]) / scale) ** 2).sum(axis=1)
+        dist = (((block - readout[: self.n_readout]) / self._block_scale) ** 2).sum(axis=1)
         return self.families[int(self.rows_family[int(np.argmin(dist))])]
 
     def head_for(self, readout: np.ndarray) -> tuple[str, ReadoutHead]:
